@@ -1,0 +1,156 @@
+"""The `lpcgma` command: train | evaluate | data (and tune | promote | predict | mlflow when built)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from importlib import resources
+from pathlib import Path
+
+from lpcgma.config import ConfigError, ExperimentConfig, load_config
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("DO_NOT_TRACK", "true")
+
+
+def resolve_config_path(name: str) -> Path:
+    """A config file path, or the name of a packaged config (``synthetic`` → lpcgma/configs/synthetic.yaml)."""
+    p = Path(name)
+    if p.is_file():
+        return p
+    packaged = resources.files("lpcgma") / "configs" / f"{name.removesuffix('.yaml')}.yaml"
+    if packaged.is_file():
+        return Path(str(packaged))
+    available = sorted(f.name.removesuffix(".yaml") for f in (resources.files("lpcgma") / "configs").iterdir())
+    raise ConfigError(f"config '{name}' is neither a file nor a packaged config; packaged: {available}")
+
+
+def load_cli_config(config: str | None, overrides: Sequence[str]) -> ExperimentConfig:
+    return load_config(resolve_config_path(config) if config else None, overrides)
+
+
+def _tracking_callbacks(cfg: ExperimentConfig) -> list:  # type: ignore[type-arg]
+    if not cfg.tracking.enabled:
+        return []
+    try:
+        from lpcgma.tracking.runs import MLflowCallback
+    except ImportError:  # tracking not installed in this build
+        return []
+    return [MLflowCallback(cfg)]
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from lpcgma.engine.trainer import Trainer
+
+    cfg = load_cli_config(args.config, args.overrides)
+    result = Trainer(cfg, _tracking_callbacks(cfg)).fit(args.resume_from)
+    summary = {
+        "step": result.step,
+        "best_target_miou": result.best_metric,
+        "best_step": result.best_step,
+        "final": {k: v for k, v in result.final_metrics.items() if "/" not in k},
+        "best_checkpoint": str(result.best_checkpoint) if result.best_checkpoint else None,
+        "out_dir": str(result.out_dir),
+    }
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    import yaml
+
+    from lpcgma.config import replace
+    from lpcgma.engine.checkpoint import CONFIG_FILE, read_checkpoint
+    from lpcgma.engine.trainer import Trainer
+
+    ckpt = Path(args.checkpoint)
+    cfg_file = ckpt / CONFIG_FILE if ckpt.is_dir() else ckpt.parent / CONFIG_FILE
+    if not cfg_file.is_file():
+        raise ConfigError(f"checkpoint '{ckpt}' has no {CONFIG_FILE} beside it")
+    cfg = load_config(cfg_file, args.overrides)
+    cfg = replace(cfg, {"train.resume": False, "model.pretrained": False})
+    trainer = Trainer(cfg)
+    state = read_checkpoint(ckpt)
+    trainer.method.load_state_dict(state["method"])
+    metrics, cm, _ = trainer.evaluate()
+    print(json.dumps({"step": state["step"], **metrics}, indent=2))
+    if args.out:
+        Path(args.out).write_text(yaml.safe_dump({"metrics": metrics, "confusion": cm.tolist()}))
+    return 0
+
+
+def cmd_data_synth(args: argparse.Namespace) -> int:
+    from lpcgma.data.synthetic import write_synthetic_loveda
+
+    write_synthetic_loveda(Path(args.root), args.tiles, args.tile_size, args.seed, args.sensor)
+    print(f"wrote the synthetic benchmark in the LoveDA layout under {args.root}")
+    return 0
+
+
+def cmd_data_prepare_isprs(args: argparse.Namespace) -> int:
+    from lpcgma.data.isprs import prepare_isprs
+
+    prepare_isprs(
+        Path(args.src),
+        Path(args.out),
+        dataset=args.dataset,
+        modality=args.modality,
+        patch_size=args.patch_size,
+        stride=args.stride or args.patch_size,
+        ignore_clutter=args.ignore_clutter,
+    )
+    print(f"prepared {args.dataset} patches under {args.out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lpcgma", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train one method (a single run, tracked in MLflow)")
+    p.add_argument("--config", help="YAML file or packaged config name (synthetic, loveda, isprs, ...)")
+    p.add_argument("--resume-from", help="checkpoint folder to resume from (default: newest in train.out_dir)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. method.name=lpcgma method.tau_pmc=0.07")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="evaluate a checkpoint on the target evaluation split")
+    p.add_argument("--checkpoint", required=True, help="checkpoint folder (holds state.pt and config.yaml)")
+    p.add_argument("--out", help="write metrics and confusion matrix as YAML here")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.root=/data/LoveDA")
+    p.set_defaults(func=cmd_evaluate)
+
+    data = sub.add_parser("data", help="dataset tools").add_subparsers(dest="data_command", required=True)
+    p = data.add_parser("synth", help="write the synthetic two-domain benchmark in the LoveDA layout")
+    p.add_argument("--root", required=True)
+    p.add_argument("--tiles", type=int, default=16)
+    p.add_argument("--tile-size", type=int, default=256)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sensor", choices=["rgb", "irrg"], default="irrg")
+    p.set_defaults(func=cmd_data_synth)
+    p = data.add_parser("prepare-isprs", help="cut official ISPRS Potsdam/Vaihingen tiles into patches")
+    p.add_argument("--src", required=True, help="folder holding the official archives' extracted tiles")
+    p.add_argument("--out", required=True)
+    p.add_argument("--dataset", choices=["potsdam", "vaihingen"], required=True)
+    p.add_argument("--modality", choices=["rgb", "irrg"], default="irrg")
+    p.add_argument("--patch-size", type=int, default=512)
+    p.add_argument("--stride", type=int, default=0, help="default: the patch size")
+    p.add_argument("--ignore-clutter", action="store_true", help="clutter → ignore (5-class protocol)")
+    p.set_defaults(func=cmd_data_prepare_isprs)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except (ConfigError, FileNotFoundError, ValueError) as e:
+        print(f"lpcgma: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,475 @@
+"""The experiment config tree: frozen dataclasses, YAML loading, dotted overrides, validation.
+
+One name per hyperparameter everywhere: the dotted key here (``method.tau_pmc``) is the CLI
+override, the search-space key and the MLflow param.
+
+The ``method`` section is typed by ``method.name``: each method has its own dataclass below (they
+share the self-training base fields), so an override of a key the chosen method does not have is an
+error that lists the keys it does have.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin, get_type_hints
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file, key or value is invalid; the message names it."""
+
+
+# --------------------------------------------------------------------------------------------- data
+@dataclass(frozen=True)
+class DataConfig:
+    dataset: Literal["synthetic", "loveda", "isprs", "shards"] = "synthetic"  # which dataset family
+    root: str = ""  # dataset root folder (or s3:// URI for shards); unused for synthetic
+    source_domain: str = "rural"  # synthetic/loveda: rural|urban; isprs: potsdam|vaihingen
+    target_domain: str = "urban"  # the unlabelled domain we adapt to
+    target_train_split: Literal["train", "val"] = "val"  # LoveDA: val = official benchmark, train = DAFormer
+    target_eval_split: Literal["train", "val", "test"] = "val"  # split the target metrics are computed on
+    eval_max_tiles: int = 0  # evaluate on at most this many target tiles (0 = all)
+    crop_size: int = 512  # training crop (pixels, square)
+    batch_size: int = 2  # per domain and per worker: batch_size source + batch_size target
+    num_workers: int = 2  # DataLoader worker processes
+    scale_range: tuple[float, float] = (0.5, 2.0)  # random rescale range before cropping
+    hflip: bool = True  # random horizontal/vertical flips and rot90
+    photometric: bool = True  # random brightness/contrast/saturation jitter
+    rcs_enabled: bool = False  # image-level rare-class sampling of source tiles (DAFormer RCS)
+    rcs_temperature: float = 0.01  # T_rcs: P(c) ∝ exp((1 - f_c) / T_rcs); smaller = rarer classes favoured
+    # synthetic benchmark only
+    synthetic_tiles: int = 64  # tiles per domain and split
+    synthetic_tile_size: int = 256  # tile side in pixels
+    synthetic_seed: int = 0  # the benchmark's seed (independent of the training seed)
+    synthetic_target_sensor: Literal["rgb", "irrg"] = "irrg"  # target radiometry: RGB or IRRG false colour
+    # ISPRS only
+    isprs_modality: Literal["rgb", "irrg"] = "irrg"  # Potsdam input bands
+    isprs_ignore_clutter: bool = False  # True: clutter → ignore (5-class protocol)
+
+
+# -------------------------------------------------------------------------------------------- model
+@dataclass(frozen=True)
+class ModelConfig:
+    backbone: Literal["resnet18", "resnet50", "resnet101"] = "resnet101"  # DeepLabv2 encoder
+    pretrained: bool = True  # ImageNet weights from torchvision (must be in the torch cache offline)
+    proj_dim: int = 64  # D: projection-head embedding size (L2-normalised)
+    aspp_dilations: tuple[int, ...] = (6, 12, 18, 24)  # DeepLabv2 ASPP branch dilations
+    ema_momentum: float = 0.999  # EMA teacher momentum
+
+
+# ---------------------------------------------------------------------------------------- optimiser
+@dataclass(frozen=True)
+class OptimConfig:
+    name: Literal["sgd", "adamw"] = "sgd"  # SGD (DeepLabv2 era) or AdamW (DAFormer era)
+    lr: float = 2.5e-4  # base learning rate (backbone)
+    head_lr_mult: float = 10.0  # decoder/projection-head LR multiplier
+    momentum: float = 0.9  # SGD momentum
+    weight_decay: float = 5e-4  # weight decay
+    warmup_iters: int = 0  # linear warm-up iterations
+    poly_power: float = 0.9  # poly decay power
+    grad_clip: float = 0.0  # max grad norm (0 = off)
+
+
+# ------------------------------------------------------------------------------------------ trainer
+@dataclass(frozen=True)
+class TrainConfig:
+    iters: int = 40000  # training iterations
+    eval_every: int = 2000  # evaluate on the target split every N iterations (and at the end)
+    checkpoint_every: int = 2000  # write a checkpoint every N iterations (and at the end)
+    log_every: int = 50  # write training logs every N iterations
+    seed: int = 0  # seeds torch, python and the data stream
+    device: str = "auto"  # auto|cpu|cuda
+    amp: bool = True  # mixed precision (GPU only; ignored on CPU)
+    eval_window: int = 512  # sliding-window size for whole-tile inference
+    eval_stride: int = 384  # sliding-window stride
+    out_dir: str = "runs/default"  # run folder: checkpoints, metrics.jsonl, config.yaml
+    resume: bool = True  # resume from out_dir/checkpoints/last.pt when present
+    progress: bool = True  # progress bar on a terminal
+
+
+# ----------------------------------------------------------------------------------------- methods
+@dataclass(frozen=True)
+class MethodConfig:
+    name: str = "source_only"  # the method: source_only|oracle|self_training|lpcgma|sdca|bida
+
+
+@dataclass(frozen=True)
+class SourceOnlyConfig(MethodConfig):
+    name: str = "source_only"
+
+
+@dataclass(frozen=True)
+class OracleConfig(MethodConfig):
+    name: str = "oracle"  # trained on target labels: the upper reference
+
+
+@dataclass(frozen=True)
+class SelfTrainingConfig(MethodConfig):
+    name: str = "self_training"
+    lambda_st: float = 1.0  # λ_st: weight of the target pseudo-label CE
+    pseudo_threshold: float = 0.968  # δ: confidence threshold of the pseudo-label quality weight
+    pseudo_weighting: Literal["fraction", "confidence"] = "fraction"  # DACS fraction or per-pixel q_t
+    classmix: bool = True  # ClassMix source classes into target images (DACS)
+
+
+@dataclass(frozen=True)
+class LPCGMAConfig(SelfTrainingConfig):
+    name: str = "lpcgma"
+    # probability-masked contrast (PMC)
+    use_pmc: bool = True  # switch the PMC term
+    lambda_pmc: float = 0.1  # λ_pmc
+    tau_pmc: float = 0.1  # contrast temperature τ_pmc
+    minority_boost: float = 0.5  # α: keep prob p_c = min(1, r·(ν_ref/ν_c)^α); 0 = uniform
+    base_rate: float = 0.05  # r: base anchor sampling rate
+    max_anchors: int = 4096  # cap on anchors per step (both domains together)
+    freq_momentum: float = 0.99  # EMA momentum of the running class frequencies ν_c
+    pmc_target_threshold: float = 0.968  # target pixels join PMC when q_t ≥ this
+    # pixel contrast between photometric views (PIX)
+    use_pix: bool = True  # switch the PIX term
+    lambda_pix: float = 0.1  # λ_pix
+    tau_pix: float = 0.1  # τ_pix
+    pix_pixels: int = 1024  # pixels sampled per view pair
+    pix_irrg_prob: float = 0.5  # probability that the strong view re-weights channels like RGB↔IRRG
+    # Gaussian multiprototypes (global)
+    use_gmm_forward: bool = True  # switch forward alignment (target → source components)
+    use_gmm_reverse: bool = True  # switch reverse alignment (components ← target)
+    lambda_fwd: float = 0.1  # λ_fwd
+    gaussians_per_class: int = 4  # K
+    tau_gmm: float = 1.0  # τ_gmm: temperature on GMM class scores
+    fwd_threshold: float = 0.9  # δ_fwd: target confidence gate of forward alignment
+    fwd_confidence_weighting: bool = True  # weight forward CE by q_t
+    rev_threshold: float = 0.95  # δ_rev: target confidence gate of reverse alignment
+    rev_momentum: float = 0.999  # m_rev: momentum of the reverse update
+    gmm_warmup_iters: int = 1000  # GMM terms start after this many iterations
+    gmm_refit_every: int = 500  # EM refit interval
+    gmm_em_iters: int = 10  # EM iterations per refit
+    gmm_memory_per_class: int = 4096  # source embeddings remembered per class
+    gmm_var_floor: float = 1e-4  # ε: diagonal variance floor
+
+
+@dataclass(frozen=True)
+class SDCAConfig(SelfTrainingConfig):
+    name: str = "sdca"
+    lambda_st: float = 0.0  # SDCA adapts by the contrastive terms; self-training round is separate
+    sdca_tau: float = 100.0  # τ of the distribution-aware contrastive bound (code default)
+    sdca_target_threshold: float = 0.9  # target pixels used when confidence ≥ this
+    lambda_feat: float = 1.0  # weight of the feature-level term
+    lambda_logit: float = 1.0  # weight of the logit-level term
+    lambda_lovasz: float = 0.0  # optional Lovász-softmax on source (0.75 in the paper's variant)
+    sdca_init_iters: int = 0  # batches of the source-only pass that initialise the statistics (0 = one epoch)
+
+
+@dataclass(frozen=True)
+class BiDAConfig(SelfTrainingConfig):
+    name: str = "bida"
+    lambda_st: float = 0.3  # CE on hybrid target labels (code default)
+    lambda_entropy: float = 0.4  # entropy term on target predictions
+    lambda_contrast: float = 0.2  # weight of FCL + BCL
+    bida_scale: float = 10.0  # cosine-logit scale
+    bida_dynamic_threshold: float = 0.8  # dynamic-label confidence threshold
+    bida_proto_momentum: float = 0.0  # EMA of prototypes across batches (0 = per image, as released)
+    bida_bias_momentum: float = 0.99  # EMA momentum of the class-wise domain bias b_k
+    bida_calibration: bool = True  # calibrate source prototypes by α_t·b_k (α_t: 0 → 1 over training)
+
+
+METHOD_CONFIGS: dict[str, type[MethodConfig]] = {
+    "source_only": SourceOnlyConfig,
+    "oracle": OracleConfig,
+    "self_training": SelfTrainingConfig,
+    "lpcgma": LPCGMAConfig,
+    "sdca": SDCAConfig,
+    "bida": BiDAConfig,
+}
+
+
+# ----------------------------------------------------------------------------------------- tracking
+@dataclass(frozen=True)
+class TrackingConfig:
+    enabled: bool = True  # log to MLflow
+    tracking_uri: str = ""  # "" = $MLFLOW_TRACKING_URI, else the project's mlflow/ sqlite store
+    experiment: str = "lpcgma"  # MLflow experiment name
+    run_name: str = ""  # "" = generated from method and dataset
+    log_overlays: int = 4  # prediction overlays of this many fixed target tiles at each eval
+
+
+# ------------------------------------------------------------------------------------------- root
+@dataclass(frozen=True)
+class ExperimentConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    method: MethodConfig = field(default_factory=SourceOnlyConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def validate(self) -> ExperimentConfig:
+        """Check cross-field value constraints; raise ConfigError naming the key."""
+        _check(self.data.crop_size > 0, "data.crop_size", self.data.crop_size, "> 0")
+        _check(self.data.batch_size > 0, "data.batch_size", self.data.batch_size, "> 0")
+        _check(self.data.num_workers >= 0, "data.num_workers", self.data.num_workers, ">= 0")
+        lo, hi = self.data.scale_range
+        _check(0 < lo <= hi, "data.scale_range", self.data.scale_range, "0 < low <= high")
+        _check(self.data.rcs_temperature > 0, "data.rcs_temperature", self.data.rcs_temperature, "> 0")
+        _check(self.model.proj_dim > 0, "model.proj_dim", self.model.proj_dim, "> 0")
+        _check(0 <= self.model.ema_momentum < 1, "model.ema_momentum", self.model.ema_momentum, "in [0, 1)")
+        _check(self.optim.lr > 0, "optim.lr", self.optim.lr, "> 0")
+        _check(self.train.iters > 0, "train.iters", self.train.iters, "> 0")
+        _check(self.train.eval_every > 0, "train.eval_every", self.train.eval_every, "> 0")
+        _check(self.train.checkpoint_every > 0, "train.checkpoint_every", self.train.checkpoint_every, "> 0")
+        _check(self.train.eval_stride > 0, "train.eval_stride", self.train.eval_stride, "> 0")
+        _check(
+            self.train.eval_stride <= self.train.eval_window,
+            "train.eval_stride",
+            self.train.eval_stride,
+            f"<= train.eval_window ({self.train.eval_window})",
+        )
+        m = self.method
+        for f in fields(m):
+            value = getattr(m, f.name)
+            if f.name.startswith("tau") or f.name.endswith("_tau"):
+                _check(value > 0, f"method.{f.name}", value, "> 0 (a temperature)")
+            if "threshold" in f.name or f.name.endswith("momentum"):
+                _check(0 <= value <= 1, f"method.{f.name}", value, "in [0, 1]")
+            if f.name.startswith("lambda_"):
+                _check(value >= 0, f"method.{f.name}", value, ">= 0")
+        if isinstance(m, LPCGMAConfig):
+            _check(m.gaussians_per_class >= 1, "method.gaussians_per_class", m.gaussians_per_class, ">= 1")
+            _check(0 < m.base_rate <= 1, "method.base_rate", m.base_rate, "in (0, 1]")
+            _check(m.minority_boost >= 0, "method.minority_boost", m.minority_boost, ">= 0")
+            _check(m.max_anchors >= 2, "method.max_anchors", m.max_anchors, ">= 2")
+            _check(m.gmm_refit_every >= 1, "method.gmm_refit_every", m.gmm_refit_every, ">= 1")
+            _check(m.gmm_var_floor > 0, "method.gmm_var_floor", m.gmm_var_floor, "> 0")
+        return self
+
+
+def _check(ok: bool, key: str, value: Any, expected: str) -> None:
+    if not ok:
+        raise ConfigError(f"config key '{key}' = {value!r} is invalid: expected {expected}")
+
+
+# ------------------------------------------------------------------------------------ conversion
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Convert a YAML/CLI value to the field type `tp`, or raise ConfigError naming `key`."""
+    origin = get_origin(tp)
+    if origin is Literal:
+        choices = get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"config key '{key}' = {value!r} is invalid: expected one of {list(choices)}")
+        return value
+    if origin is tuple:
+        if isinstance(value, str):
+            value = yaml.safe_load(value)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key '{key}' = {value!r} is invalid: expected a list")
+        args = get_args(tp)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], key) for v in value)
+        if len(value) != len(args):
+            raise ConfigError(f"config key '{key}' = {value!r} is invalid: expected {len(args)} values")
+        return tuple(_coerce(v, a, key) for v, a in zip(value, args, strict=True))
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ConfigError(f"config key '{key}' = {value!r} is invalid: expected true or false")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"config key '{key}' = {value!r} is invalid: expected an integer")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str) and re.fullmatch(r"[+-]?\d+", value.strip()):
+            return int(value)
+        raise ConfigError(f"config key '{key}' = {value!r} is invalid: expected an integer")
+    if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"config key '{key}' = {value!r} is invalid: expected a number")
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"config key '{key}' = {value!r} is invalid: expected a number")
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"config key '{key}' = {value!r} is invalid: expected a string")
+    raise ConfigError(f"config key '{key}': unsupported field type {tp!r}")  # pragma: no cover
+
+
+def _build(cls: type, values: Mapping[str, Any], prefix: str) -> Any:
+    """Build dataclass `cls` from a mapping, coercing and rejecting unknown keys."""
+    if not isinstance(values, Mapping):
+        raise ConfigError(f"config section '{prefix.rstrip('.') or '<root>'}' must be a mapping, got {values!r}")
+    hints = get_type_hints(cls)
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(
+            f"unknown config key '{prefix}{unknown[0]}'; valid keys here: "
+            + ", ".join(prefix + k for k in sorted(known))
+        )
+    kwargs: dict[str, Any] = {}
+    for name, value in values.items():
+        tp = hints[name]
+        key = prefix + name
+        if name == "method" and cls is ExperimentConfig:
+            kwargs[name] = _build_method(value, key + ".")
+        elif is_dataclass(tp):
+            kwargs[name] = _build(tp, value, key + ".")  # type: ignore[arg-type]
+        else:
+            kwargs[name] = _coerce(value, tp, key)
+    return cls(**kwargs)
+
+
+def _build_method(values: Any, prefix: str) -> MethodConfig:
+    if not isinstance(values, Mapping):
+        raise ConfigError(f"config section 'method' must be a mapping, got {values!r}")
+    name = values.get("name", "source_only")
+    if name not in METHOD_CONFIGS:
+        raise ConfigError(
+            f"config key 'method.name' = {name!r} is invalid: expected one of {sorted(METHOD_CONFIGS)}"
+        )
+    return _build(METHOD_CONFIGS[name], values, prefix)  # type: ignore[no-any-return]
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """Nested plain dict (tuples as lists) of a config dataclass."""
+    out: dict[str, Any] = {}
+    for f in fields(cfg):
+        v = getattr(cfg, f.name)
+        if is_dataclass(v):
+            out[f.name] = to_dict(v)
+        elif isinstance(v, tuple):
+            out[f.name] = list(v)
+        else:
+            out[f.name] = v
+    return out
+
+
+def flatten(cfg: ExperimentConfig) -> dict[str, Any]:
+    """Dotted key → value for every resolved config key (``method.tau_pmc`` → 0.1)."""
+    flat: dict[str, Any] = {}
+
+    def walk(d: Mapping[str, Any], prefix: str) -> None:
+        for k, v in d.items():
+            if isinstance(v, Mapping):
+                walk(v, f"{prefix}{k}.")
+            else:
+                flat[prefix + k] = v
+
+    walk(to_dict(cfg), "")
+    return flat
+
+
+def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = tree
+    for p in parts[:-1]:
+        child = node.setdefault(p, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"config key '{key}': '{p}' is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """Parse ``key=value`` (value read as YAML: ``true``, ``0.1``, ``[1, 2]``)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} is invalid: expected key=value, e.g. method.tau_pmc=0.07")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override {text!r} has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def load_config(
+    path: str | Path | None = None,
+    overrides: Iterable[str] | Mapping[str, Any] = (),
+) -> ExperimentConfig:
+    """Load a YAML config (or the defaults), apply dotted overrides, validate.
+
+    `overrides` is either ``["method.tau_pmc=0.07", ...]`` or ``{"method.tau_pmc": 0.07}``.
+    A method override such as ``method.name=lpcgma`` re-types the method section.
+    """
+    tree: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file '{p}' does not exist")
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file '{p}' is not valid YAML: {e}") from e
+        if loaded is None:
+            raise ConfigError(f"config file '{p}' is empty")
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file '{p}' must hold a mapping of sections, got {type(loaded).__name__}")
+        tree = loaded
+    items = overrides.items() if isinstance(overrides, Mapping) else (parse_override(o) for o in overrides)
+    for key, value in items:
+        _set_dotted(tree, key, value)
+    try:
+        cfg = _build(ExperimentConfig, tree, "")
+    except ConfigError as e:
+        where = f" (in '{path}')" if path is not None else ""
+        raise ConfigError(f"{e}{where}") from e
+    return cfg.validate()
+
+
+def replace(cfg: ExperimentConfig, overrides: Mapping[str, Any]) -> ExperimentConfig:
+    """A copy of `cfg` with dotted overrides applied and validated."""
+    tree = to_dict(cfg)
+    for key, value in overrides.items():
+        _set_dotted(tree, key, value)
+    return _build(ExperimentConfig, tree, "").validate()  # type: ignore[no-any-return]
+
+
+def dump_config(cfg: ExperimentConfig) -> str:
+    """The resolved config as YAML (saved with every run)."""
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def valid_keys(method: str = "lpcgma") -> list[str]:
+    """Every dotted key of the config tree for `method` (used to validate search spaces)."""
+    cfg = ExperimentConfig(method=METHOD_CONFIGS[method]())
+    return sorted(flatten(cfg))
+
+
+__all__ = [
+    "BiDAConfig",
+    "ConfigError",
+    "DataConfig",
+    "ExperimentConfig",
+    "LPCGMAConfig",
+    "METHOD_CONFIGS",
+    "MethodConfig",
+    "ModelConfig",
+    "OptimConfig",
+    "OracleConfig",
+    "SDCAConfig",
+    "SelfTrainingConfig",
+    "SourceOnlyConfig",
+    "TrackingConfig",
+    "TrainConfig",
+    "dump_config",
+    "flatten",
+    "load_config",
+    "parse_override",
+    "replace",
+    "to_dict",
+    "valid_keys",
+]

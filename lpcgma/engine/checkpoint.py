@@ -1,0 +1,114 @@
+"""Checkpoints: a folder per save (``state.pt`` + ``config.yaml``), written atomically.
+
+A checkpoint holds the method (student, teacher, method state), optimiser, scheduler, RNG states and
+the step, so a stopped run resumes exactly. Files are written to a temporary folder beside the
+target and renamed into place: a failed write (disk full, permissions) leaves the previous
+checkpoint intact. Loading uses ``torch.load(weights_only=True)``: a crafted pickle is refused.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+STATE_FILE = "state.pt"
+CONFIG_FILE = "config.yaml"
+_STEP_DIR = re.compile(r"^step_(\d{8})$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written or read; the message names the path."""
+
+
+def rng_state() -> dict[str, Any]:
+    """Torch (CPU and CUDA) and Python RNG states, in weights_only-loadable types."""
+    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": _py_state_to_tensor()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    version, internal, gauss = 3, tuple(int(v) for v in state["python"].tolist()), None
+    random.setstate((version, internal, gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _py_state_to_tensor() -> torch.Tensor:
+    _, internal, _ = random.getstate()
+    return torch.tensor(internal, dtype=torch.int64)
+
+
+def write_checkpoint(directory: str | Path, state: dict[str, Any], config_yaml: str) -> Path:
+    """Write `state` and the resolved config into `directory` atomically; return the folder."""
+    target = Path(directory)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    except OSError as e:
+        raise CheckpointError(f"cannot write checkpoint folder '{target.parent}': {e.strerror or e}") from e
+    try:
+        torch.save(state, tmp / STATE_FILE)
+        (tmp / CONFIG_FILE).write_text(config_yaml)
+        with open(tmp / STATE_FILE, "rb") as f:
+            os.fsync(f.fileno())
+        if target.exists():
+            old = target.with_name(f".{target.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            target.rename(old)
+            tmp.rename(target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(target)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(f"cannot write checkpoint '{target}': {e.strerror or e}") from e
+    return target
+
+
+def read_checkpoint(directory: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load a checkpoint folder (or a ``state.pt`` file) with ``weights_only=True``."""
+    path = Path(directory)
+    file = path / STATE_FILE if path.is_dir() else path
+    if not file.is_file():
+        raise CheckpointError(f"no checkpoint at '{file}'")
+    try:
+        return torch.load(file, map_location=map_location, weights_only=True)  # type: ignore[no-any-return]
+    except Exception as e:  # pickle.UnpicklingError for crafted files, RuntimeError for truncated ones
+        raise CheckpointError(
+            f"checkpoint '{file}' could not be loaded safely (weights_only=True): {type(e).__name__}: {e}"
+        ) from e
+
+
+def step_dir(root: str | Path, step: int) -> Path:
+    return Path(root) / f"step_{step:08d}"
+
+
+def latest_checkpoint(root: str | Path) -> Path | None:
+    """The complete checkpoint folder with the highest step under `root`, if any."""
+    root = Path(root)
+    if not root.is_dir():
+        return None
+    found = [
+        (int(m.group(1)), p)
+        for p in root.iterdir()
+        if (m := _STEP_DIR.match(p.name)) and (p / STATE_FILE).is_file()
+    ]
+    return max(found)[1] if found else None
+
+
+def prune_checkpoints(root: str | Path, keep: int) -> None:
+    """Delete all but the `keep` most recent step folders (``best`` is never touched)."""
+    root = Path(root)
+    steps = sorted(p for p in root.iterdir() if _STEP_DIR.match(p.name)) if root.is_dir() else []
+    for p in steps[:-keep] if keep > 0 else []:
+        shutil.rmtree(p, ignore_errors=True)

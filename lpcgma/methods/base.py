@@ -1,0 +1,78 @@
+"""The method seam: a UDA method owns its networks and state and computes one step's loss."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lpcgma.config import ExperimentConfig, OptimConfig
+from lpcgma.models import EMATeacher, build_model, upsample_logits
+
+Batch = dict[str, Tensor]
+
+
+@dataclass
+class StepOutput:
+    """The loss to back-propagate and scalar tensors to log (kept as tensors: no host sync)."""
+
+    loss: Tensor
+    logs: dict[str, Tensor] = field(default_factory=dict)
+
+
+class Method(nn.Module):
+    """Base of every method: a student network, optionally an EMA teacher, and method state.
+
+    Subclasses implement `train_step`; everything they must checkpoint is a submodule or buffer.
+    The trainer may route the student's forward through a DDP wrapper (`set_student_forward`)
+    without the wrapper entering `state_dict`.
+    """
+
+    uses_teacher: bool = False
+
+    def __init__(self, cfg: ExperimentConfig, num_classes: int) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.num_classes = num_classes
+        self.student = build_model(cfg.model, num_classes)
+        self.teacher = EMATeacher(self.student, cfg.model.ema_momentum) if self.uses_teacher else None
+        self._student_forward: list[nn.Module] = [self.student]  # a list keeps DDP out of state_dict
+
+    def set_student_forward(self, module: nn.Module) -> None:
+        """Route student forward passes through `module` (e.g. DistributedDataParallel(student))."""
+        self._student_forward = [module]
+
+    def forward_student(self, images: Tensor) -> dict[str, Tensor]:
+        return self._student_forward[0](images)  # type: ignore[no-any-return]
+
+    def train_step(self, source: Batch, target: Batch, step: int) -> StepOutput:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def after_step(self, step: int) -> None:
+        """Called after each optimiser step (EMA teacher update and any state refinement)."""
+        if self.teacher is not None:
+            self.teacher.update(self.student, step)
+
+    def diagnostics(self) -> dict[str, float]:
+        """Method-specific metrics reported at each evaluation."""
+        return {}
+
+    def param_groups(self, optim: OptimConfig) -> list[dict[str, Any]]:
+        """Backbone at the base LR, decoder and heads at ×head_lr_mult."""
+        groups: list[dict[str, Any]] = [
+            {"params": self.student.encoder_parameters(), "lr": optim.lr, "name": "encoder"},
+            {"params": self.student.head_parameters(), "lr": optim.lr * optim.head_lr_mult, "name": "head"},
+        ]
+        return groups
+
+    def supervised_loss(self, batch: Batch, prefix: str) -> tuple[Tensor, dict[str, Tensor], dict[str, Tensor]]:
+        """CE of the student on a labelled batch; returns (loss, logs, student outputs)."""
+        from lpcgma.losses.segmentation import cross_entropy
+
+        out = self.forward_student(batch["image"])
+        logits = upsample_logits(out["logits"], batch["mask"].shape[-2:])
+        loss = cross_entropy(logits, batch["mask"])
+        return loss, {f"loss/{prefix}_ce": loss.detach()}, out

@@ -1,0 +1,75 @@
+"""Checkpoints: atomic writes, weights_only loading, latest/prune, RNG round trip."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from lpcgma.engine.checkpoint import (
+    CheckpointError,
+    latest_checkpoint,
+    prune_checkpoints,
+    read_checkpoint,
+    rng_state,
+    set_rng_state,
+    step_dir,
+    write_checkpoint,
+)
+
+
+def test_write_read_round_trip_and_latest(tmp_path: Path) -> None:
+    for step in (10, 20, 30):
+        write_checkpoint(step_dir(tmp_path, step), {"step": step, "w": torch.ones(3) * step}, "a: 1\n")
+    assert latest_checkpoint(tmp_path) == step_dir(tmp_path, 30)
+    assert read_checkpoint(step_dir(tmp_path, 20))["step"] == 20
+    prune_checkpoints(tmp_path, keep=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000020", "step_00000030"]
+
+
+def test_rng_state_round_trip() -> None:
+    state = rng_state()
+    a = (torch.rand(3), random.random())
+    set_rng_state(state)
+    b = (torch.rand(3), random.random())
+    torch.testing.assert_close(a[0], b[0])
+    assert a[1] == b[1]
+
+
+class _Evil:
+    def __reduce__(self):  # type: ignore[no-untyped-def]
+        return (os.system, ("echo pwned",))
+
+
+def test_crafted_pickle_is_refused(tmp_path: Path) -> None:
+    d = tmp_path / "step_00000001"
+    d.mkdir()
+    with open(d / "state.pt", "wb") as f:
+        pickle.dump({"step": 1, "x": _Evil()}, f)
+    with pytest.raises(CheckpointError, match="weights_only=True"):
+        read_checkpoint(d)
+
+
+def test_unwritable_folder_is_a_clear_error(tmp_path: Path) -> None:
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file where the checkpoint folder should be")
+    with pytest.raises(CheckpointError, match="blocker"):
+        write_checkpoint(blocker / "ckpts" / "step_00000001", {"a": 1}, "")
+
+
+def test_failed_write_keeps_previous_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    target = step_dir(tmp_path, 5)
+    write_checkpoint(target, {"step": 5}, "")
+
+    def disk_full(*args: object, **kwargs: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(CheckpointError, match="No space left"):
+        write_checkpoint(target, {"step": 6}, "")
+    assert read_checkpoint(target)["step"] == 5
+    assert [p.name for p in tmp_path.iterdir()] == ["step_00000005"]  # no temporary folder left
