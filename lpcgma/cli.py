@@ -107,6 +107,61 @@ def cmd_data_prepare_isprs(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_promote(args: argparse.Namespace) -> int:
+    from lpcgma.tracking.registry import PromotionError, PromotionRefused, promote
+
+    try:
+        r = promote(
+            args.search,
+            experiment=args.experiment,
+            metric=args.metric,
+            mode=args.mode,
+            model_name=args.model_name,
+            force=args.force,
+            tracking_uri=args.tracking_uri,
+        )
+    except PromotionRefused as e:
+        print(f"lpcgma: {e}", file=sys.stderr)
+        return 1
+    except PromotionError as e:
+        print(f"lpcgma: error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps({**r.__dict__}, indent=2))
+    print(f"predict with: lpcgma predict --model {r.model_uri} TILE_OR_FOLDER --out DIR")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from lpcgma.tracking.registry import predict_files
+
+    written = predict_files(args.model, args.inputs, args.out, args.tracking_uri, args.stride)
+    print(f"wrote {len(written)} prediction PNGs to {args.out}")
+    return 0
+
+
+def cmd_mlflow_sync(args: argparse.Namespace) -> int:
+    from lpcgma.tracking.offline import sync_run_dir
+
+    r = sync_run_dir(args.run_dir, args.tracking_uri)
+    report = {"applied": r.applied, "skipped": r.skipped, "pending": r.pending, "errors": r.errors}
+    print(json.dumps(report, indent=2))
+    return 0 if r.complete else 1
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    from lpcgma.distributed.search_space import SearchSpaceError
+    from lpcgma.distributed.tune import ResourceError, mlflow_hooks, run_search, settings_from_args
+
+    try:
+        outcome = run_search(settings_from_args(args), *mlflow_hooks())
+    except (SearchSpaceError, ResourceError) as e:
+        print(f"lpcgma tune: error: {e}", file=sys.stderr)
+        return 2
+    if not outcome.complete:
+        return 130  # interrupted: resume with --resume
+    return 0 if outcome.trials and all(t.status != "error" for t in outcome.trials) else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lpcgma", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -122,6 +177,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="write metrics and confusion matrix as YAML here")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.root=/data/LoveDA")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser(
+        "tune",
+        help="hyperparameter search: Ray Tune + Optuna (TPE) + ASHA over trials of the trainer",
+        description="Search a YAML search space around a base config; the literature defaults run first.",
+    )
+    from lpcgma.distributed.tune import add_search_arguments
+
+    add_search_arguments(p)
+    p.add_argument("overrides", nargs="*", help="dotted base-config overrides, e.g. method.name=lpcgma")
+    p.set_defaults(func=cmd_tune)
 
     data = sub.add_parser("data", help="dataset tools").add_subparsers(dest="data_command", required=True)
     p = data.add_parser("synth", help="write the synthetic two-domain benchmark in the LoveDA layout")
@@ -140,6 +206,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stride", type=int, default=0, help="default: the patch size")
     p.add_argument("--ignore-clutter", action="store_true", help="clutter → ignore (5-class protocol)")
     p.set_defaults(func=cmd_data_prepare_isprs)
+
+    p = sub.add_parser("promote", help="register a search's best trial as the champion model")
+    p.add_argument("--search", help="search name (its trial runs are the candidates)")
+    p.add_argument("--experiment", help="or: every training run of this MLflow experiment")
+    p.add_argument("--metric", default="target_miou", help="selection metric (each run's best value)")
+    p.add_argument("--mode", choices=["max", "min"], default="max")
+    p.add_argument("--model-name", help="registered model (default: lpcgma-<dataset>-<source>-to-<target>)")
+    p.add_argument("--force", action="store_true", help="promote even if not better than the champion")
+    p.add_argument("--tracking-uri", help="default: tracking config / $MLFLOW_TRACKING_URI / ./mlflow store")
+    p.set_defaults(func=cmd_promote)
+
+    p = sub.add_parser("predict", help="colour-coded predictions of a registered model on whole tiles")
+    p.add_argument("--model", required=True, help="model URI, e.g. models:/NAME@champion")
+    p.add_argument("inputs", nargs="+", help="image tiles or folders of tiles")
+    p.add_argument("--out", required=True, help="folder for <tile>.png predictions")
+    p.add_argument("--stride", type=int, help="sliding-window stride (default: the model's)")
+    p.add_argument("--tracking-uri", help="default: $MLFLOW_TRACKING_URI / ./mlflow store")
+    p.set_defaults(func=cmd_predict)
+
+    ml = sub.add_parser("mlflow", help="MLflow tools").add_subparsers(dest="mlflow_command", required=True)
+    p = ml.add_parser("sync", help="upload what was recorded offline while the tracking server was down")
+    p.add_argument("--run-dir", required=True, help="run folder (searched recursively for offline records)")
+    p.add_argument("--tracking-uri", help="default: the URI recorded with the offline records")
+    p.set_defaults(func=cmd_mlflow_sync)
     return parser
 
 

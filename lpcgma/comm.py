@@ -77,33 +77,52 @@ def barrier() -> None:
         dist.barrier()
 
 
+@torch.no_grad()
 def average_gradients(params: Iterable[torch.nn.Parameter]) -> None:
-    """Average the gradients of `params` over ranks with one flat all-reduce.
+    """Average the gradients of `params` over ranks with one flat all-reduce per (device, dtype).
 
     Used instead of DistributedDataParallel because UDA steps run the student several times
     (source, mixed target, views) before one backward, which DDP's reducer does not support.
+    Every rank must pass the same parameters in the same order. A parameter without a gradient on
+    some rank counts as zero there (so the buffers always match in size); one without a gradient
+    on every rank keeps ``grad = None``, so the optimiser skips it on all ranks alike.
     """
     if not is_distributed() or world_size() == 1:
         return
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
-        return
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-    flat.div_(world_size())
-    offset = 0
-    for g in grads:
-        n = g.numel()
-        g.copy_(flat[offset : offset + n].view_as(g))
-        offset += n
+    buckets: dict[tuple[str, torch.dtype], list[torch.nn.Parameter]] = {}
+    for p in params:
+        if p.requires_grad:
+            buckets.setdefault((str(p.device), p.dtype), []).append(p)
+    for ps in buckets.values():
+        device, dtype = ps[0].device, ps[0].dtype
+        one = torch.ones(1, device=device, dtype=dtype)
+        flat = torch.cat(
+            [
+                torch.zeros(p.numel() + 1, device=device, dtype=dtype)
+                if p.grad is None
+                else torch.cat([p.grad.reshape(-1), one])
+                for p in ps
+            ]
+        )
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        flat.div_(world_size())
+        offset = 0
+        for p in ps:
+            n = p.numel()
+            grad, had_grad = flat[offset : offset + n], flat[offset + n]
+            offset += n + 1
+            if p.grad is not None:
+                p.grad.copy_(grad.view_as(p.grad))
+            elif bool(had_grad > 0):
+                p.grad = grad.view_as(p).clone()
 
 
 __all__ = [
     "all_gather_cat",
-    "average_gradients",
-    "barrier",
     "all_reduce_mean_",
     "all_reduce_sum_",
+    "average_gradients",
+    "barrier",
     "broadcast_",
     "is_distributed",
     "rank",

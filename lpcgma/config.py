@@ -28,10 +28,11 @@ class ConfigError(ValueError):
 class DataConfig:
     dataset: Literal["synthetic", "loveda", "isprs", "shards"] = "synthetic"  # which dataset family
     root: str = ""  # dataset root folder (or s3:// URI for shards); unused for synthetic
-    source_domain: str = "rural"  # synthetic/loveda: rural|urban; isprs: potsdam|vaihingen
+    source_domain: str = "rural"  # synthetic/loveda: rural|urban (loveda also *_irrg); isprs: potsdam|vaihingen
     target_domain: str = "urban"  # the unlabelled domain we adapt to
     target_train_split: Literal["train", "val"] = "val"  # LoveDA: val = official benchmark, train = DAFormer
     target_eval_split: Literal["train", "val", "test"] = "val"  # split the target metrics are computed on
+    source_eval_split: Literal["train", "val"] = "val"  # source validation split (label-free model selection)
     eval_max_tiles: int = 0  # evaluate on at most this many target tiles (0 = all)
     crop_size: int = 512  # training crop (pixels, square)
     batch_size: int = 2  # per domain and per worker: batch_size source + batch_size target
@@ -59,6 +60,7 @@ class ModelConfig:
     proj_dim: int = 64  # D: projection-head embedding size (L2-normalised)
     aspp_dilations: tuple[int, ...] = (6, 12, 18, 24)  # DeepLabv2 ASPP branch dilations
     ema_momentum: float = 0.999  # EMA teacher momentum
+    init_checkpoint: str = ""  # start the student (and teacher) from this checkpoint folder, e.g. a source-only run
 
 
 # ---------------------------------------------------------------------------------------- optimiser
@@ -152,15 +154,14 @@ class LPCGMAConfig(SelfTrainingConfig):
 
 
 @dataclass(frozen=True)
-class SDCAConfig(SelfTrainingConfig):
+class SDCAConfig(MethodConfig):
     name: str = "sdca"
-    lambda_st: float = 0.0  # SDCA adapts by the contrastive terms; self-training round is separate
-    sdca_tau: float = 100.0  # τ of the distribution-aware contrastive bound (code default)
-    sdca_target_threshold: float = 0.9  # target pixels used when confidence ≥ this
-    lambda_feat: float = 1.0  # weight of the feature-level term
-    lambda_logit: float = 1.0  # weight of the logit-level term
-    lambda_lovasz: float = 0.0  # optional Lovász-softmax on source (0.75 in the paper's variant)
-    sdca_init_iters: int = 0  # batches of the source-only pass that initialise the statistics (0 = one epoch)
+    sdca_tau: float = 100.0  # τ of the distribution-aware contrastive bound (released code default)
+    sdca_target_threshold: float = 0.9  # target pixels join when the model's confidence ≥ this
+    sdca_normalize_stats: bool = True  # L2-normalise μ_k and σ²_k rows first (released code)
+    lambda_feat: float = 1.0  # weight of the feature-level term (source + target)
+    lambda_logit: float = 1.0  # weight of the logit-level term (source + target)
+    sdca_init_batches: int = 0  # source batches of the initial statistics pass (0 = one epoch of tiles)
 
 
 @dataclass(frozen=True)
@@ -171,9 +172,10 @@ class BiDAConfig(SelfTrainingConfig):
     lambda_contrast: float = 0.2  # weight of FCL + BCL
     bida_scale: float = 10.0  # cosine-logit scale
     bida_dynamic_threshold: float = 0.8  # dynamic-label confidence threshold
-    bida_proto_momentum: float = 0.0  # EMA of prototypes across batches (0 = per image, as released)
     bida_bias_momentum: float = 0.99  # EMA momentum of the class-wise domain bias b_k
     bida_calibration: bool = True  # calibrate source prototypes by α_t·b_k (α_t: 0 → 1 over training)
+    bida_hybrid_rule: Literal["agree", "confident"] = "agree"  # hybrid labels: both must agree, or the more confident
+    bida_mask_absent_prototypes: bool = False  # drop absent (zero) prototypes from the contrast softmax
 
 
 METHOD_CONFIGS: dict[str, type[MethodConfig]] = {
@@ -335,9 +337,7 @@ def _build_method(values: Any, prefix: str) -> MethodConfig:
         raise ConfigError(f"config section 'method' must be a mapping, got {values!r}")
     name = values.get("name", "source_only")
     if name not in METHOD_CONFIGS:
-        raise ConfigError(
-            f"config key 'method.name' = {name!r} is invalid: expected one of {sorted(METHOD_CONFIGS)}"
-        )
+        raise ConfigError(f"config key 'method.name' = {name!r} is invalid: expected one of {sorted(METHOD_CONFIGS)}")
     return _build(METHOD_CONFIGS[name], values, prefix)  # type: ignore[no-any-return]
 
 

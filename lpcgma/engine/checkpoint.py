@@ -99,9 +99,7 @@ def latest_checkpoint(root: str | Path) -> Path | None:
     if not root.is_dir():
         return None
     found = [
-        (int(m.group(1)), p)
-        for p in root.iterdir()
-        if (m := _STEP_DIR.match(p.name)) and (p / STATE_FILE).is_file()
+        (int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)) and (p / STATE_FILE).is_file()
     ]
     return max(found)[1] if found else None
 

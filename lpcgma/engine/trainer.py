@@ -121,7 +121,7 @@ class Trainer:
         seed_everything(cfg.train.seed)  # identical initial weights on every rank
         self.data = data or build_datasets(cfg.data)
         self.class_names = list(self.data.classes.names)
-        self.method: Method = build_method(cfg, len(self.class_names)).to(self.device)
+        self.method: Method = build_method(cfg, self.class_names).to(self.device)
         self.optimizer = self._build_optimizer()
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer,
@@ -147,13 +147,24 @@ class Trainer:
 
     def _streams(self) -> tuple[Iterator[dict[str, Tensor]], Iterator[dict[str, Tensor]]]:
         d, seed = self.cfg.data, self.cfg.train.seed
-        transform = TrainTransform(
-            d.crop_size, d.scale_range, d.hflip, d.photometric, self.data.mean, self.data.std
-        )
-        common = dict(batch_size=d.batch_size, rank=self.rank, world_size=self.world_size, num_workers=d.num_workers)
+        transform = TrainTransform(d.crop_size, d.scale_range, d.hflip, d.photometric, self.data.mean, self.data.std)
         rcs = d.rcs_temperature if d.rcs_enabled else None
-        src = TrainStream(self.data.source_train, transform, seed=seed * 2 + 1, rcs_temperature=rcs, **common)
-        tgt = TrainStream(self.data.target_train, transform, seed=seed * 2 + 2, **common)
+        src, tgt = (
+            TrainStream(
+                dataset,  # type: ignore[arg-type]
+                transform,
+                batch_size=d.batch_size,
+                seed=stream_seed,
+                rank=self.rank,
+                world_size=self.world_size,
+                num_workers=d.num_workers,
+                rcs_temperature=temperature,
+            )
+            for dataset, stream_seed, temperature in (
+                (self.data.source_train, seed * 2 + 1, rcs),
+                (self.data.target_train, seed * 2 + 2, None),
+            )
+        )
         return src.batches(self.step), tgt.batches(self.step)
 
     # ------------------------------------------------------------------------------ checkpoints
@@ -196,10 +207,21 @@ class Trainer:
         path = Path(resume_from) if resume_from else None
         if path is None and self.cfg.train.resume:
             path = latest_checkpoint(self.ckpt_root)
+        if path is None:
+            self._start_fresh()
+            return
         if path is not None:
             self.load_state_dict(read_checkpoint(path, map_location="cpu"))
             if self.world_size > 1:  # the checkpoint holds rank 0's RNG: give each rank its own stream
                 torch.manual_seed(self.cfg.train.seed * 1000 + self.step * 7 + self.rank)
+
+    def _start_fresh(self) -> None:
+        """A new run: optional warm start of the student, then the method's preparation pass."""
+        if self.cfg.model.init_checkpoint:
+            self.method.load_student(read_checkpoint(self.cfg.model.init_checkpoint, map_location="cpu")["method"])
+        src_it, _ = self._streams()
+        device_batches = ({k: v.to(self.device) for k, v in b.items()} for b in src_it)
+        self.method.prepare(device_batches, len(self.data.source_train))  # type: ignore[arg-type]
 
     # ------------------------------------------------------------------------------------- step
     def run_step(self, source: dict[str, Tensor], target: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -238,10 +260,12 @@ class Trainer:
         c = len(self.class_names)
         cm = torch.zeros((c, c), dtype=torch.long)
         previews: list[dict[str, Any]] = []
-        for i in range(len(self.data.target_eval)):
+        for i in range(len(self.data.target_eval)):  # type: ignore[arg-type]
             raw = self.data.target_eval[i]
             sample = self.eval_transform(raw)
-            logits = sliding_window_logits(self.predict, sample["image"].to(self.device), c, t.eval_window, t.eval_stride)
+            logits = sliding_window_logits(
+                self.predict, sample["image"].to(self.device), c, t.eval_window, t.eval_stride
+            )
             pred = logits.argmax(0).cpu()
             cm += confusion_matrix(pred, sample["mask"], c)
             if i < num_previews:
@@ -253,7 +277,6 @@ class Trainer:
     # ------------------------------------------------------------------------------------- loop
     def fit(self, resume_from: str | Path | None = None) -> TrainResult:
         """Train to `train.iters`, evaluating and checkpointing on schedule; return the result."""
-        cfg = self.cfg.train
         if self.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             (self.out_dir / "config.yaml").write_text(dump_config(self.cfg))
@@ -360,6 +383,8 @@ class Trainer:
         return tqdm(total=self.cfg.train.iters, initial=self.step, desc=self.cfg.method.name, dynamic_ncols=True)
 
 
-def train(cfg: ExperimentConfig, callbacks: Sequence[Callback] = (), resume_from: str | Path | None = None) -> TrainResult:
+def train(
+    cfg: ExperimentConfig, callbacks: Sequence[Callback] = (), resume_from: str | Path | None = None
+) -> TrainResult:
     """Build a Trainer for `cfg` and run it to the end."""
     return Trainer(cfg, callbacks).fit(resume_from)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -50,6 +52,6 @@ def entropy_map(logits: Tensor) -> Tensor:
     return ent / torch.log(torch.tensor(float(logits.shape[1]), device=logits.device))
 
 
-def downsample_labels(labels: Tensor, size: tuple[int, int]) -> Tensor:
+def downsample_labels(labels: Tensor, size: Sequence[int]) -> Tensor:
     """Nearest downsampling of labels [B,H,W] to feature resolution [B,h,w] (ignore kept)."""
-    return F.interpolate(labels[:, None].float(), size=size, mode="nearest")[:, 0].long()
+    return F.interpolate(labels[:, None].float(), size=tuple(size), mode="nearest")[:, 0].long()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,10 +33,11 @@ class Method(nn.Module):
 
     uses_teacher: bool = False
 
-    def __init__(self, cfg: ExperimentConfig, num_classes: int) -> None:
+    def __init__(self, cfg: ExperimentConfig, class_names: Sequence[str]) -> None:
         super().__init__()
         self.cfg = cfg
-        self.num_classes = num_classes
+        self.class_names = list(class_names)
+        num_classes = self.num_classes = len(class_names)
         self.student = build_model(cfg.model, num_classes)
         self.teacher = EMATeacher(self.student, cfg.model.ema_momentum) if self.uses_teacher else None
         self._student_forward: list[nn.Module] = [self.student]  # a list keeps DDP out of state_dict
@@ -49,6 +51,17 @@ class Method(nn.Module):
 
     def train_step(self, source: Batch, target: Batch, step: int) -> StepOutput:
         raise NotImplementedError
+
+    def prepare(self, source_batches: Iterator[Batch], num_source_tiles: int) -> None:
+        """Called once before the first step of a fresh run (not on resume): e.g. SDCA's
+        initial statistics pass. `source_batches` yields batches already on the device."""
+
+    def load_student(self, state: dict[str, Tensor]) -> None:
+        """Initialise the student (and the teacher) from a checkpoint's method state."""
+        student = {k.removeprefix("student."): v for k, v in state.items() if k.startswith("student.")}
+        self.student.load_state_dict(student)
+        if self.teacher is not None:
+            self.teacher.net.load_state_dict(student)
 
     @torch.no_grad()
     def after_step(self, step: int) -> None:

@@ -24,7 +24,8 @@ class TargetPass:
     teacher_out: dict[str, Tensor]  # teacher outputs on the clean target
     pseudo: Tensor  # ŷ_t at input resolution [B,H,W]
     confidence: Tensor  # q_t [B,H,W]
-    student_out: dict[str, Tensor]  # student outputs on the (mixed) target
+    images: Tensor  # the (mixed) target images the student saw [B,3,H,W]
+    student_out: dict[str, Tensor]  # student outputs on those images
     mixed_labels: Tensor  # labels of the mixed image [B,H,W]
     mix_mask: Tensor | None  # ClassMix paste mask [B,H,W] (True = source pixel)
 
@@ -56,9 +57,11 @@ class SelfTraining(Method):
         s_out = self.forward_student(images)
         loss = cross_entropy(upsample_logits(s_out["logits"], size), labels, weight)
         logs = {"loss/target_st": loss.detach(), "pseudo/confident_frac": (conf >= m.pseudo_threshold).float().mean()}
-        return loss, logs, TargetPass(t_out, pseudo, conf, s_out, labels, mask)
+        return loss, logs, TargetPass(t_out, pseudo, conf, images, s_out, labels, mask)
 
-    def base_step(self, source: Batch, target: Batch) -> tuple[Tensor, dict[str, Tensor], dict[str, Tensor], TargetPass]:
+    def base_step(
+        self, source: Batch, target: Batch
+    ) -> tuple[Tensor, dict[str, Tensor], dict[str, Tensor], TargetPass]:
         """L_base and its logs, plus the student's source outputs and the target pass."""
         src_loss, logs, src_out = self.supervised_loss(source, "source")
         if self.mcfg.lambda_st > 0:

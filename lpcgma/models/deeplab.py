@@ -12,8 +12,15 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.models import ResNet, resnet18, resnet50, resnet101
-from torchvision.models import ResNet18_Weights, ResNet50_Weights, ResNet101_Weights
+from torchvision.models import (
+    ResNet,
+    ResNet18_Weights,
+    ResNet50_Weights,
+    ResNet101_Weights,
+    resnet18,
+    resnet50,
+    resnet101,
+)
 
 from lpcgma.config import ModelConfig
 
@@ -37,6 +44,7 @@ class ASPPClassifier(nn.Module):
             nn.Conv2d(in_channels, num_classes, 3, padding=d, dilation=d, bias=True) for d in dilations
         )
         for conv in self.branches:
+            assert isinstance(conv, nn.Conv2d) and conv.bias is not None
             nn.init.normal_(conv.weight, 0.0, 0.01)
             nn.init.zeros_(conv.bias)
 
@@ -131,9 +139,9 @@ class DeepLabV2(nn.Module):
         return {"logits": logits, "embed": self.projector(f), "aspp": aspp}
 
 
-def upsample_logits(logits: Tensor, size: tuple[int, int]) -> Tensor:
+def upsample_logits(logits: Tensor, size: Sequence[int]) -> Tensor:
     """Bilinear upsampling of feature-resolution logits to the input size."""
-    return F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+    return F.interpolate(logits, size=tuple(size), mode="bilinear", align_corners=False)
 
 
 class SegmentationPredictor(nn.Module):

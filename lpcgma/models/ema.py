@@ -31,8 +31,8 @@ class EMATeacher(nn.Module):
     @torch.no_grad()
     def update(self, student: nn.Module, step: int) -> None:
         m = min(self.momentum, (step + 1) / (step + 10))
-        t_params = list(self.net.parameters())
-        s_params = [p.detach() for p in student.parameters()]
+        t_params: list[torch.Tensor] = list(self.net.parameters())
+        s_params: list[torch.Tensor] = [p.detach() for p in student.parameters()]
         torch._foreach_mul_(t_params, m)
         torch._foreach_add_(t_params, s_params, alpha=1 - m)
         for tb, sb in zip(self.net.buffers(), student.buffers(), strict=True):

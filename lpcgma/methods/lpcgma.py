@@ -1,0 +1,173 @@
+"""LPCGMA: self-training + local pixel contrast (PMC, PIX) + global Gaussian multiprototype alignment.
+
+L = L_base + λ_pmc·L_PMC + λ_pix·L_PIX + λ_fwd·L_FWD; reverse alignment moves the prototypes after
+each optimiser step. Every term has a switch (``method.use_pmc`` …) so ablations are config changes;
+the GMM terms start after ``method.gmm_warmup_iters``. See ../shared/spec/METHODS.md.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lpcgma import comm
+from lpcgma.config import ExperimentConfig, LPCGMAConfig
+from lpcgma.losses.contrast import (
+    anchor_keep_probs,
+    pixel_view_contrast,
+    sample_anchors,
+    supervised_infonce,
+    update_class_freq,
+)
+from lpcgma.losses.gmm import forward_alignment_loss
+from lpcgma.losses.segmentation import IGNORE_INDEX, downsample_labels, pseudo_labels
+from lpcgma.methods.base import Batch, StepOutput
+from lpcgma.methods.self_training import SelfTraining, TargetPass
+from lpcgma.methods.views import strong_view
+from lpcgma.prototypes import GaussianPrototypes
+
+
+def _pixels(t: Tensor) -> Tensor:
+    """[B, D, h, w] → [B·h·w, D]."""
+    return t.permute(0, 2, 3, 1).reshape(-1, t.shape[1])
+
+
+class LPCGMA(SelfTraining):
+    """The product's method; see the module docstring."""
+
+    class_freq: Tensor  # running class frequencies ν_c (buffer)
+
+    def __init__(self, cfg: ExperimentConfig, class_names: Sequence[str]) -> None:
+        super().__init__(cfg, class_names)
+        num_classes = self.num_classes
+        m = self.lcfg
+        self.register_buffer("class_freq", torch.zeros(num_classes))
+        self.prototypes = GaussianPrototypes(
+            num_classes, cfg.model.proj_dim, m.gaussians_per_class, m.gmm_memory_per_class, m.gmm_var_floor
+        )
+        self._last: dict[str, Tensor] = {}  # features of the latest step, for reverse update & diagnostics
+
+    @property
+    def lcfg(self) -> LPCGMAConfig:
+        assert isinstance(self.cfg.method, LPCGMAConfig)
+        return self.cfg.method
+
+    # -------------------------------------------------------------------------------- the step
+    def train_step(self, source: Batch, target: Batch, step: int) -> StepOutput:
+        m = self.lcfg
+        loss, logs, src_out, tp = self.base_step(source, target)
+        size = src_out["embed"].shape[-2:]
+        y_src = downsample_labels(source["mask"], size).reshape(-1)
+        z_src = _pixels(src_out["embed"])
+        # target side at feature resolution: the (mixed) student view and its labels/confidence
+        y_mix, q_mix = self._mixed_targets(tp, size)
+        z_mix = _pixels(tp.student_out["embed"])
+        # teacher's clean-target pseudo-labels at feature resolution (reverse alignment, diagnostics)
+        t_pseudo, t_conf = pseudo_labels(tp.teacher_out["logits"])
+        t_pseudo, t_conf = t_pseudo.reshape(-1), t_conf.reshape(-1)
+
+        confident_t = torch.where(t_conf >= m.pmc_target_threshold, t_pseudo, torch.full_like(t_pseudo, IGNORE_INDEX))
+        with torch.no_grad():
+            new_freq = update_class_freq(self.class_freq, torch.cat([y_src, confident_t]), m.freq_momentum)
+            self.class_freq.copy_(comm.all_reduce_mean_(new_freq))
+
+        if m.use_pmc and m.lambda_pmc > 0:
+            l_pmc, keep = self._pmc(z_src, y_src, z_mix, y_mix, q_mix)
+            loss = loss + m.lambda_pmc * l_pmc
+            logs["loss/pmc"] = l_pmc.detach()
+            logs["pmc/anchors"] = keep.new_tensor(float(keep.numel()))
+        if m.use_pix and m.lambda_pix > 0:
+            l_pix = self._pix(tp, y_mix)
+            loss = loss + m.lambda_pix * l_pix
+            logs["loss/pix"] = l_pix.detach()
+
+        gmm_on = m.use_gmm_forward or m.use_gmm_reverse
+        if gmm_on:
+            with torch.no_grad():
+                z_src_teacher = _pixels(self.teacher(source["image"])["embed"])  # type: ignore[misc]
+            self.prototypes.push(z_src_teacher, y_src)
+            if step + 1 >= m.gmm_warmup_iters and (
+                not bool(self.prototypes.fitted) or (step + 1 - m.gmm_warmup_iters) % m.gmm_refit_every == 0
+            ):
+                # the same generator on every rank: identical memory → identical fit
+                seed = self.cfg.train.seed * 1_000_003 + step
+                self.prototypes.refit(m.gmm_em_iters, torch.Generator(device=z_src.device).manual_seed(seed))
+        if m.use_gmm_forward and m.lambda_fwd > 0 and step >= m.gmm_warmup_iters and bool(self.prototypes.fitted):
+            target_only = tp.mix_mask is None
+            q_fwd = q_mix if target_only else torch.where(self._pasted(tp, size), torch.zeros_like(q_mix), q_mix)
+            l_fwd = forward_alignment_loss(
+                z_mix, y_mix, q_fwd, self.prototypes.params(), m.tau_gmm, m.fwd_threshold, m.fwd_confidence_weighting
+            )
+            loss = loss + m.lambda_fwd * l_fwd
+            logs["loss/gmm_fwd"] = l_fwd.detach()
+
+        self._last = {
+            "z_src": z_src.detach(),
+            "y_src": y_src,
+            "z_tgt": _pixels(tp.teacher_out["embed"]).detach(),
+            "y_tgt": t_pseudo,
+            "q_tgt": t_conf,
+        }
+        return StepOutput(loss, logs)
+
+    @torch.no_grad()
+    def after_step(self, step: int) -> None:
+        super().after_step(step)
+        m = self.lcfg
+        if m.use_gmm_reverse and step >= m.gmm_warmup_iters and bool(self.prototypes.fitted) and self._last:
+            self.prototypes.reverse_update(
+                self._last["z_tgt"], self._last["y_tgt"], self._last["q_tgt"], m.rev_threshold, m.rev_momentum
+            )
+
+    # ------------------------------------------------------------------------------- the terms
+    def _mixed_targets(self, tp: TargetPass, size: tuple[int, int] | Any) -> tuple[Tensor, Tensor]:
+        """Labels and confidence of the student's (mixed) target view at feature resolution."""
+        y = downsample_labels(tp.mixed_labels, size).reshape(-1)
+        conf = (
+            tp.confidence
+            if tp.mix_mask is None
+            else torch.where(tp.mix_mask, torch.ones_like(tp.confidence), tp.confidence)
+        )
+        q = torch.nn.functional.interpolate(conf[:, None], size=size, mode="nearest").reshape(-1)
+        return y, q
+
+    @staticmethod
+    def _pasted(tp: TargetPass, size: tuple[int, int] | Any) -> Tensor:
+        assert tp.mix_mask is not None
+        return downsample_labels(tp.mix_mask.long(), size).reshape(-1).bool()
+
+    def _pmc(self, z_src: Tensor, y_src: Tensor, z_mix: Tensor, y_mix: Tensor, q_mix: Tensor) -> tuple[Tensor, Tensor]:
+        """Probability-masked supervised contrast over anchors of both domains."""
+        m = self.lcfg
+        y_t = torch.where(q_mix >= m.pmc_target_threshold, y_mix, torch.full_like(y_mix, IGNORE_INDEX))
+        z = torch.cat([z_src, z_mix])
+        y = torch.cat([y_src, y_t])
+        keep = sample_anchors(y, anchor_keep_probs(self.class_freq, m.base_rate, m.minority_boost), m.max_anchors)
+        return supervised_infonce(z[keep], y[keep], m.tau_pmc), keep
+
+    def _pix(self, tp: TargetPass, y_mix: Tensor) -> Tensor:
+        """Pixel contrast between the student's (mixed) target view and a strong photometric view."""
+        m = self.lcfg
+        z_weak = _pixels(tp.student_out["embed"])
+        z_strong = _pixels(self.forward_student(strong_view(tp.images, m.pix_irrg_prob))["embed"])
+        n = z_weak.shape[0]
+        idx = torch.randperm(n, device=z_weak.device)[: m.pix_pixels]
+        return pixel_view_contrast(z_weak[idx], z_strong[idx], y_mix[idx], m.tau_pix)
+
+    # ----------------------------------------------------------------------------- diagnostics
+    @torch.no_grad()
+    def diagnostics(self) -> dict[str, float]:
+        m = self.lcfg
+        out: dict[str, float] = {}
+        keep = anchor_keep_probs(self.class_freq, m.base_rate, m.minority_boost).cpu().tolist()
+        for name, p in zip(self.class_names, keep, strict=True):
+            out[f"diag/keep_rate/{name}"] = float(p)
+        if self._last and bool(self.prototypes.fitted):
+            last = self._last
+            reliable = last["q_tgt"] >= m.fwd_threshold
+            y_tgt = torch.where(reliable, last["y_tgt"], torch.full_like(last["y_tgt"], IGNORE_INDEX))
+            out.update(self.prototypes.diagnostics(last["z_src"], last["y_src"], last["z_tgt"], y_tgt))
+        return out

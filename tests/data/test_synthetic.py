@@ -1,0 +1,142 @@
+import numpy as np
+import pytest
+import torch
+
+from lpcgma.data.loveda import LoveDA
+from lpcgma.data.synthetic import (
+    AGRICULTURE,
+    BARREN,
+    BUILDING,
+    FOREST,
+    ROAD,
+    WATER,
+    SyntheticAerial,
+    write_synthetic_loveda,
+)
+
+N, SIZE = 12, 128
+
+
+@pytest.fixture(scope="module")
+def domains() -> dict[str, list[dict]]:
+    return {d: list(SyntheticAerial(d, "train", N, SIZE, seed=0)) for d in ("rural", "urban")}
+
+
+def _fractions(samples: list[dict]) -> np.ndarray:
+    hist = sum(np.bincount(s["mask"].numpy().ravel(), minlength=7) for s in samples)
+    return hist / hist.sum()
+
+
+def test_sample_format_for_any_tile_size():
+    for size in (37, 96):
+        s = SyntheticAerial("urban", "val", 2, size, seed=1, sensor="irrg")[1]
+        assert s["image"].dtype == torch.uint8 and s["image"].shape == (3, size, size)
+        assert s["mask"].dtype == torch.int64 and s["mask"].shape == (size, size)
+        assert int(s["mask"].min()) >= 0 and int(s["mask"].max()) <= 6
+        assert s["name"] == "urban_val_00001"
+
+
+def test_deterministic_in_seed_domain_split_index():
+    a = SyntheticAerial("rural", "train", 4, 64, seed=3)
+    b = SyntheticAerial("rural", "train", 4, 64, seed=3)
+    _ = [b[i] for i in (3, 0, 2)]  # access order and caching do not matter
+    for i in (0, 3):
+        assert torch.equal(a[i]["image"], b[i]["image"]) and torch.equal(a[i]["mask"], b[i]["mask"])
+    assert torch.equal(a[1]["image"], a[1]["image"])
+    others = [
+        SyntheticAerial("rural", "train", 4, 64, seed=4)[0],
+        SyntheticAerial("rural", "val", 4, 64, seed=3)[0],
+        SyntheticAerial("urban", "train", 4, 64, seed=3)[0],
+        a[1],
+    ]
+    for o in others:
+        assert not torch.equal(o["mask"], a[0]["mask"])
+
+
+def test_returned_tensors_do_not_alias_the_cache():
+    ds = SyntheticAerial("rural", "train", 1, 32)
+    s = ds[0]
+    s["image"].zero_()
+    s["mask"].fill_(255)
+    assert ds[0]["image"].any() and int(ds[0]["mask"].max()) < 7
+
+
+def test_invalid_arguments_raise():
+    with pytest.raises(ValueError, match="domain"):
+        SyntheticAerial("desert", "train")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="sensor"):
+        SyntheticAerial("rural", "train", sensor="sar")  # type: ignore[arg-type]
+    with pytest.raises(IndexError):
+        SyntheticAerial("rural", "train", 2, 32)[2]
+
+
+def test_class_frequencies_differ_between_domains(domains):
+    rural, urban = _fractions(domains["rural"]), _fractions(domains["urban"])
+    assert rural[AGRICULTURE] + rural[FOREST] > urban[AGRICULTURE] + urban[FOREST] + 0.3
+    assert urban[BUILDING] + urban[ROAD] > rural[BUILDING] + rural[ROAD] + 0.25
+    for f in (rural, urban):  # water and barren are the rare classes
+        assert max(f[WATER], f[BARREN]) < 0.1
+
+
+def test_every_class_present_in_each_domain(domains):
+    for samples in domains.values():
+        assert (_fractions(samples) > 0).all()
+
+
+def test_object_scale_differs(domains):
+    """Rural houses are small and scattered; urban buildings are larger and dense."""
+
+    def mean_building_fraction_per_tile(samples):
+        return np.mean([(s["mask"] == BUILDING).float().mean().item() for s in samples])
+
+    assert mean_building_fraction_per_tile(domains["urban"]) > 5 * mean_building_fraction_per_tile(
+        domains["rural"]
+    )
+
+
+def test_forest_texture_differs_between_domains(domains):
+    """Urban park trees have a finer crown texture (larger pixel-to-pixel contrast) than rural woods."""
+
+    def forest_gradient(samples):
+        grads = []
+        for s in samples:
+            grey, m = s["image"].float().mean(0), s["mask"]
+            inside = (m[:, 1:] == FOREST) & (m[:, :-1] == FOREST)
+            grads.append((grey[:, 1:] - grey[:, :-1]).abs()[inside])
+        return torch.cat(grads).mean().item()
+
+    assert forest_gradient(domains["urban"]) > 1.5 * forest_gradient(domains["rural"])
+
+
+def test_irrg_makes_vegetation_nir_bright():
+    rgb = [SyntheticAerial("urban", "val", 8, 128, seed=0, sensor="rgb")[i] for i in range(8)]
+    irrg = [SyntheticAerial("urban", "val", 8, 128, seed=0, sensor="irrg")[i] for i in range(8)]
+    for a, b in zip(rgb, irrg, strict=True):
+        assert torch.equal(a["mask"], b["mask"])  # same scene, another sensor
+
+    def band_means(samples, cls):
+        px = torch.cat([s["image"].float()[:, s["mask"] == cls] for s in samples], dim=1)
+        return px.mean(1)
+
+    veg_rgb, veg_irrg = band_means(rgb, FOREST), band_means(irrg, FOREST)
+    assert veg_rgb[1] > veg_rgb[0]  # RGB: vegetation is green (G > R)
+    assert veg_irrg[0] > veg_irrg[1] + 40  # IRRG: channel 0 is NIR, vegetation is bright red
+    road_irrg, water_irrg = band_means(irrg, ROAD), band_means(irrg, WATER)
+    assert veg_irrg[0] > road_irrg[0] + 40 and water_irrg[0] < road_irrg[0]  # NIR: vegetation ≫ road > water
+
+
+def test_write_synthetic_loveda_round_trips_through_the_loader(tmp_path):
+    write_synthetic_loveda(tmp_path, num_tiles=2, tile_size=32, seed=5, sensor="irrg")
+    for split in ("train", "val"):
+        for domain in ("rural", "urban"):
+            loaded = LoveDA(tmp_path, split, domain)  # type: ignore[arg-type]
+            ref = SyntheticAerial(domain, split, 2, 32, 5, "irrg" if domain == "urban" else "rgb")  # type: ignore[arg-type]
+            assert len(loaded) == 2
+            for i in range(2):
+                assert torch.equal(loaded[i]["mask"], ref[i]["mask"])
+                assert torch.equal(loaded[i]["image"], ref[i]["image"])
+    test = LoveDA(tmp_path, "test", "urban")
+    assert not (tmp_path / "Test" / "Urban" / "masks_png").exists()
+    assert bool((test[0]["mask"] == 255).all())
+    ids = sorted(int(p.stem) for p in tmp_path.rglob("*.png") if p.parent.name == "images_png")
+    assert ids == list(range(12))  # unique ids across splits and domains
