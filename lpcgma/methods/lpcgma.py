@@ -169,5 +169,6 @@ class LPCGMA(SelfTraining):
             last = self._last
             reliable = last["q_tgt"] >= m.fwd_threshold
             y_tgt = torch.where(reliable, last["y_tgt"], torch.full_like(last["y_tgt"], IGNORE_INDEX))
-            out.update(self.prototypes.diagnostics(last["z_src"], last["y_src"], last["z_tgt"], y_tgt))
+            diag = self.prototypes.diagnostics(last["z_src"], last["y_src"], last["z_tgt"], y_tgt)
+            out.update({f"diag/{k}": v for k, v in diag.items()})
         return out
