@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import mlflow
 import pytest
 import torch
 from mlflow.exceptions import MlflowException
 
-import mlflow
 from lpcgma.tracking.registry import check_better, list_inputs, load_segmenter
 
 
