@@ -1,0 +1,230 @@
+"""Resource planning (concurrent trials from the cluster's shape; impossible searches refused), and
+what `run_search` refuses before Ray starts. No Ray cluster is started here."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lpcgma.config import ConfigError, load_config
+from lpcgma.distributed.search_space import SearchSpaceError
+from lpcgma.distributed.tune import (
+    NodeShape,
+    ResourceError,
+    SearchOutcome,
+    SearchSettings,
+    TrialSummary,
+    autoscaler_nodes,
+    evaluations_per_trial,
+    plan_resources,
+    run_search,
+)
+
+TWO_CPUS = [NodeShape(2, 0, 2, "local")]
+
+
+def test_single_worker_trials_run_inline_and_fill_the_cpus() -> None:
+    plan = plan_resources(TWO_CPUS, workers_per_trial=1, cpus_per_worker=1)
+    assert plan.inline and plan.max_concurrent == 2
+    assert plan.trial_resources == {"cpu": 1, "gpu": 0}  # the trial itself holds the worker's CPU
+
+
+def test_multi_worker_trials_hold_a_driver_slot_not_a_cpu() -> None:
+    plan = plan_resources(TWO_CPUS, workers_per_trial=2, cpus_per_worker=1)
+    assert not plan.inline and plan.max_concurrent == 1
+    assert plan.trial_resources == {"trial_driver": 1.0}
+
+
+def test_workers_of_a_trial_may_spread_over_nodes() -> None:
+    nodes = [NodeShape(1, 0, 4, "head"), NodeShape(1, 0, 0, "worker")]
+    assert plan_resources(nodes, 2, 1).max_concurrent == 1
+    assert plan_resources(nodes, 1, 1).max_concurrent == 2
+
+
+def test_more_workers_than_the_cluster_has_fails_fast() -> None:
+    with pytest.raises(ResourceError, match=r"3 worker\(s\) × \(1 CPU\) but only 2"):
+        plan_resources(TWO_CPUS, 3, 1)
+
+
+def test_gpus_beyond_any_node_fail_fast() -> None:
+    with pytest.raises(ResourceError, match=r"asks for 1 GPU\(s\) but the largest node has 0"):
+        plan_resources(TWO_CPUS, 1, 1, 1)
+    nodes = [NodeShape(8, 1, 1, "a"), NodeShape(8, 1, 0, "b")]
+    with pytest.raises(ResourceError, match="largest node has 1"):
+        plan_resources(nodes, 1, 1, 2)
+    assert plan_resources(nodes, 2, 1, 1).max_concurrent == 1  # one GPU on each of two nodes
+
+
+def test_cpus_beyond_any_node_fail_fast() -> None:
+    with pytest.raises(ResourceError, match=r"asks for 4 CPU\(s\) but the largest node has 2"):
+        plan_resources(TWO_CPUS, 1, 4)
+
+
+def test_fractional_gpus_only_for_single_worker_trials() -> None:
+    node = [NodeShape(16, 1, 0, "gpu")]
+    assert plan_resources(node, 1, 1, 0.25).max_concurrent == 4
+    with pytest.raises(ResourceError, match="ray#48012"):
+        plan_resources([NodeShape(16, 2, 4, "gpu")], 2, 1, 0.5)
+    with pytest.raises(ResourceError, match="whole number"):
+        plan_resources(node, 1, 1, 1.5)
+
+
+def test_multi_worker_trials_need_a_driver_resource() -> None:
+    with pytest.raises(ResourceError, match="trial_driver"):
+        plan_resources([NodeShape(8, 0, 0, "n")], 2, 1)
+    plan = plan_resources([NodeShape(16, 0, 1, "n")], 2, 1)
+    assert plan.max_concurrent == 1 and "trial_driver" in plan.describe()
+
+
+def test_max_concurrent_caps_and_is_never_raised_beyond_the_cluster() -> None:
+    assert plan_resources(TWO_CPUS, 1, 1, max_concurrent=1).max_concurrent == 1
+    plan = plan_resources(TWO_CPUS, 1, 1, max_concurrent=8)
+    assert plan.max_concurrent == 2 and "lowered to 2" in plan.describe()
+
+
+@pytest.mark.parametrize(("w", "c", "g"), [(0, 1, 0), (1, 0, 0), (1, 1, -1)])
+def test_nonsense_shapes_are_refused(w: int, c: float, g: float) -> None:
+    with pytest.raises(ResourceError):
+        plan_resources(TWO_CPUS, w, c, g)
+
+
+def test_autoscaler_nodes_absent_off_a_launcher_head(tmp_path: Path) -> None:
+    assert autoscaler_nodes(tmp_path / "missing.yaml") == []
+
+
+def test_evaluations_per_trial_counts_the_final_one() -> None:
+    cfg = load_config(None, ["train.iters=10", "train.eval_every=4"])
+    assert evaluations_per_trial(cfg) == 3  # steps 4, 8 and the final 10
+    cfg = load_config(None, ["train.iters=8", "train.eval_every=4"])
+    assert evaluations_per_trial(cfg) == 2
+
+
+# ------------------------------------------------------------------ refused before Ray starts
+def settings(tmp_path: Path, **kw: object) -> SearchSettings:
+    base = dict(
+        config="synthetic",
+        search_space="smoke",
+        smoke_test=True,
+        storage=str(tmp_path / "store"),
+        name="refused",
+        overrides=["tracking.enabled=false"],
+    )
+    base.update(kw)
+    return SearchSettings(**base)  # type: ignore[arg-type]
+
+
+def _ray_not_started() -> None:
+    import ray
+
+    assert not ray.is_initialized()
+
+
+def test_gpu_search_on_a_machine_without_gpus_fails_before_ray(tmp_path: Path) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(ResourceError, match="GPU"):
+        run_search(settings(tmp_path, gpus_per_worker=1))
+    _ray_not_started()
+
+
+def test_bad_search_space_fails_before_ray(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("optim.lr: {type: uniform, low: 0.1, high: 0.01}\n")
+    with pytest.raises(SearchSpaceError, match=r"bad.yaml', key 'optim.lr'"):
+        run_search(settings(tmp_path, search_space=str(bad)))
+    _ray_not_started()
+
+
+def test_key_of_another_method_fails_before_ray(tmp_path: Path) -> None:
+    with pytest.raises(SearchSpaceError, match="unknown config key for method 'self_training'"):
+        run_search(settings(tmp_path, search_space="synthetic", overrides=["method.name=self_training"]))
+    _ray_not_started()
+
+
+def test_bad_override_and_resume_without_name_fail_before_ray(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="no_such_key"):
+        run_search(settings(tmp_path, overrides=["train.no_such_key=1"]))
+    with pytest.raises(ConfigError, match="--resume needs --name"):
+        run_search(settings(tmp_path, resume=True, name=""))
+    with pytest.raises(ConfigError, match="no search 'nothing'"):
+        run_search(settings(tmp_path, resume=True, name="nothing"))
+    _ray_not_started()
+
+
+def test_cli_reports_a_bad_search_space_with_exit_code_2(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("method.gaussians_per_class: {type: int, low: 0, high: 4}\n")
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "lpcgma.cli",
+            "tune",
+            "--search-space",
+            str(bad),
+            "--storage",
+            str(tmp_path),
+            "method.name=lpcgma",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "method.gaussians_per_class" in r.stderr and ">= 1" in r.stderr
+
+
+# ------------------------------------------------------------------ the summary
+def test_summary_shows_best_vs_defaults_and_counts() -> None:
+    trials = [
+        TrialSummary("a", "stopped early", 0.30, 1, {"optim.lr": 0.001}, "/c/a", None, True),
+        TrialSummary("b", "finished", 0.45, 4, {"optim.lr": 0.002}, "/c/b", "/runs/b", False),
+        TrialSummary("c", "error", None, 0, {"optim.lr": 0.003}, None, None, False),
+    ]
+    out = SearchOutcome("/store/x", "target_miou", "max", trials)
+    assert out.best is trials[1] and out.defaults is trials[0] and out.stopped_early == 1
+    text = out.format()
+    assert "3 trials: 1 finished, 1 stopped early by ASHA, 1 failed" in text
+    assert "0.4500 vs literature defaults (trial a, stopped early): 0.3000 (+0.1500)" in text
+    assert "best checkpoint: /c/b" in text
+    low = SearchOutcome("/store/x", "loss", "min", trials)
+    assert low.best is trials[0]
+
+
+# ------------------------------------------------------------------ the scheduler
+class _Trial:
+    def __init__(self, trial_id: str, config: dict) -> None:
+        self.trial_id, self.config = trial_id, config
+
+
+def test_asha_never_stops_the_defaults_trial_early() -> None:
+    from ray.tune.schedulers import TrialScheduler
+
+    import lpcgma.distributed.tune as tune_mod
+
+    defaults = {"optim.lr": 0.001}
+    asha = tune_mod.DefaultsProtectedASHA(
+        protected=defaults,
+        time_attr="training_iteration",
+        metric="m",
+        mode="max",
+        max_t=4,
+        grace_period=1,
+        reduction_factor=2,
+    )
+    good, dflt, bad = (
+        _Trial("good", {"optim.lr": 0.003}),
+        _Trial("dflt", dict(defaults)),
+        _Trial("bad", {"optim.lr": 0.01}),
+    )
+    for t in (good, dflt, bad):
+        asha.on_trial_add(None, t)
+    assert asha.on_trial_result(None, good, {"training_iteration": 1, "m": 0.5}) == TrialScheduler.CONTINUE
+    assert asha.on_trial_result(None, dflt, {"training_iteration": 1, "m": 0.1}) == TrialScheduler.CONTINUE
+    assert asha.on_trial_result(None, bad, {"training_iteration": 1, "m": 0.1}) == TrialScheduler.STOP
+    assert asha.on_trial_result(None, dflt, {"training_iteration": 4, "m": 0.2}) == TrialScheduler.STOP  # its end

@@ -1,0 +1,76 @@
+"""Real searches on a local Ray cluster (slow): single-worker trials inline, a 2-worker TorchTrainer
+trial, and the MLflow hooks (parent run + child runs)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from lpcgma.distributed.tune import SearchSettings, mlflow_hooks, run_search
+
+pytestmark = pytest.mark.slow
+
+
+def smoke(tmp: Path, **kw: object) -> SearchSettings:
+    base: dict[str, object] = dict(
+        config="synthetic",
+        search_space="smoke",
+        smoke_test=True,
+        num_samples=3,
+        storage=str(tmp / "store"),
+        name="smoke",
+        overrides=["tracking.enabled=false"],
+        verbose=0,
+    )
+    base.update(kw)
+    return SearchSettings(**base)  # type: ignore[arg-type]
+
+
+def test_smoke_search_single_worker_trials_inline(ray_tmp: Path) -> None:
+    outcome = run_search(smoke(ray_tmp))
+    assert outcome.complete and len(outcome.trials) == 3
+    assert all(t.status in ("finished", "stopped early") for t in outcome.trials)
+    assert all(t.best is not None and 0.0 <= t.best <= 1.0 for t in outcome.trials)
+    dflt = outcome.defaults
+    assert dflt is not None and dflt.params == {"optim.lr": 0.001, "optim.head_lr_mult": 10.0}
+    for t in outcome.trials:
+        # the trainer's run folder is inside the trial's own folder; the checkpoint Tune kept is a trainer checkpoint
+        assert t.out_dir and Path(t.out_dir).parent.parent == ray_tmp / "store" / "smoke"
+        assert (Path(t.out_dir) / "metrics.jsonl").is_file() and (Path(t.out_dir) / "config.yaml").is_file()
+        assert t.checkpoint and (Path(t.checkpoint) / "state.pt").is_file()
+        rows = [json.loads(line) for line in (Path(t.out_dir).parent / "result.json").read_text().splitlines()]
+        assert all("target_miou" in r and "node_id" in r for r in rows)
+        assert [r["step"] for r in rows] == [2, 4][: len(rows)]
+    saved = json.loads((ray_tmp / "store" / "smoke" / "lpcgma_search.json").read_text())
+    assert saved["defaults"] == dflt.params and saved["base"]["train.iters"] == 4
+    assert "best trial" in outcome.format() or "literature defaults" in outcome.format()
+
+
+def test_two_worker_torchtrainer_trial(ray_tmp: Path) -> None:
+    outcome = run_search(smoke(ray_tmp, num_samples=1, workers_per_trial=2, name="ddp"))
+    (trial,) = outcome.trials
+    assert trial.status == "finished" and trial.best is not None
+    assert trial.checkpoint and "train_runs/train-" in trial.checkpoint
+    assert (Path(trial.checkpoint) / "state.pt").is_file()
+    rows = [json.loads(x) for x in (Path(trial.out_dir).parent / "result.json").read_text().splitlines()]  # type: ignore[arg-type]
+    assert [r["step"] for r in rows] == [2, 4] and all("target_miou" in r for r in rows)
+
+
+def test_search_with_mlflow_parent_and_child_runs(ray_tmp: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{ray_tmp}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    settings = smoke(ray_tmp, num_samples=2, name="tracked", overrides=["tracking.log_overlays=0"])
+    outcome = run_search(settings, *mlflow_hooks())
+    assert outcome.complete and len(outcome.trials) == 2
+    client = MlflowClient(uri)
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    parents = [r for r in runs if r.data.tags.get("lpcgma.role") == "search"]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
+    assert len(children) == 2
+    assert {r.data.tags.get("search") for r in children} == {"tracked"}
+    assert all(r.info.status in ("FINISHED", "KILLED") for r in children)
