@@ -1,4 +1,4 @@
-"""Fixtures of the data-layer tests: the shared real LoveDA sample, when this machine has it."""
+"""Fixtures shared by the tests: the real LoveDA sample of ../shared, when this machine has it."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 
 
 def shared_dir() -> Path | None:
