@@ -995,7 +995,7 @@ def mlflow_hooks() -> tuple[Callable[[SearchInfo], str | None], Callable[[Search
             from lpcgma.tracking.search import on_search_end
         except ImportError:
             return
-        on_search_end(
+        summary = on_search_end(
             info.base_config,
             info.parent_run_id,
             results=outcome.results,
@@ -1003,8 +1003,32 @@ def mlflow_hooks() -> tuple[Callable[[SearchInfo], str | None], Callable[[Search
             mode=outcome.mode,
             space_keys=info.space.keys,
         )
+        try:
+            print(mlflow_closing_lines(info, summary), flush=True)
+        except Exception as e:  # the search is done; never fail it for a message
+            print(f"MLflow: could not summarise the search's runs ({e})", flush=True)
 
     return start, end
+
+
+def mlflow_closing_lines(info: SearchInfo, summary: Any) -> str:
+    """Where to look at the search in MLflow: the UI command and the best trial's run."""
+    from lpcgma.tracking.store import resolve_tracking_uri, run_url, ui_command
+
+    uri = resolve_tracking_uri(info.base_config.tracking)
+    lines = [f"MLflow: {ui_command(uri)}"]
+    if info.parent_run_id:
+        lines.append(f"  search run:  {info.parent_run_id}")
+    if summary is not None and summary.best_run_id:
+        import mlflow
+
+        exp_id = mlflow.MlflowClient(uri).get_run(summary.best_run_id).info.experiment_id
+        lines.append(
+            f"  best run:    {summary.best_run_id} ({summary.metric} = {summary.best_value:.4f})  "
+            f"{run_url(uri, exp_id, summary.best_run_id)}"
+        )
+        lines.append(f"  promote it:  lpcgma promote --search {info.name} --metric {summary.metric}")
+    return "\n".join(lines)
 
 
 def promote_best(
