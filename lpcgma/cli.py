@@ -7,26 +7,13 @@ import json
 import os
 import sys
 from collections.abc import Sequence
-from importlib import resources
 from pathlib import Path
 
-from lpcgma.config import ConfigError, ExperimentConfig, load_config
+from lpcgma.config import ConfigError, ExperimentConfig, load_config, resolve_config_path
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DO_NOT_TRACK", "true")
-
-
-def resolve_config_path(name: str) -> Path:
-    """A config file path, or the name of a packaged config (``synthetic`` → lpcgma/configs/synthetic.yaml)."""
-    p = Path(name)
-    if p.is_file():
-        return p
-    packaged = resources.files("lpcgma") / "configs" / f"{name.removesuffix('.yaml')}.yaml"
-    if packaged.is_file():
-        return Path(str(packaged))
-    available = sorted(f.name.removesuffix(".yaml") for f in (resources.files("lpcgma") / "configs").iterdir())
-    raise ConfigError(f"config '{name}' is neither a file nor a packaged config; packaged: {available}")
 
 
 def load_cli_config(config: str | None, overrides: Sequence[str]) -> ExperimentConfig:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields, is_dataclass
+from importlib import resources
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin, get_type_hints
 
@@ -396,6 +397,25 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key, value
 
 
+def packaged_file(folder: str, name: str | Path) -> Path | None:
+    """A file shipped inside the installed package: ``packaged_file("configs", "synthetic")`` →
+    ``lpcgma/configs/synthetic.yaml`` (found from the installed package, never a script's folder)."""
+    entry = resources.files("lpcgma") / folder / f"{str(name).removesuffix('.yaml')}.yaml"
+    return Path(str(entry)) if entry.is_file() else None
+
+
+def resolve_config_path(name: str | Path) -> Path:
+    """A config file path, or the name of a packaged config (``synthetic`` → lpcgma/configs/synthetic.yaml)."""
+    p = Path(name)
+    if p.is_file():
+        return p
+    packaged = packaged_file("configs", name)
+    if packaged is None:
+        available = sorted(f.name.removesuffix(".yaml") for f in (resources.files("lpcgma") / "configs").iterdir())
+        raise ConfigError(f"config '{name}' is neither a file nor a packaged config; packaged: {available}")
+    return packaged
+
+
 def load_config(
     path: str | Path | None = None,
     overrides: Iterable[str] | Mapping[str, Any] = (),
@@ -468,7 +488,9 @@ __all__ = [
     "dump_config",
     "flatten",
     "load_config",
+    "packaged_file",
     "parse_override",
+    "resolve_config_path",
     "replace",
     "to_dict",
     "valid_keys",

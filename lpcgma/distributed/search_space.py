@@ -38,6 +38,7 @@ from lpcgma.config import (
     ConfigError,
     ExperimentConfig,
     flatten,
+    packaged_file,
     replace,
     valid_keys,
 )
@@ -128,9 +129,9 @@ def resolve_search_space(name: str | Path) -> Path:
     p = Path(name)
     if p.is_file():
         return p
-    packaged = resources.files("lpcgma") / "search_spaces" / f"{str(name).removesuffix('.yaml')}.yaml"
-    if packaged.is_file():
-        return Path(str(packaged))
+    packaged = packaged_file("search_spaces", name)
+    if packaged is not None:
+        return packaged
     raise SearchSpaceError(
         f"search space '{name}' is neither a file nor a packaged search space; "
         f"packaged: {packaged_search_spaces()}"

@@ -44,13 +44,12 @@ import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from lpcgma.config import ConfigError, ExperimentConfig, load_config, replace
+from lpcgma.config import ConfigError, ExperimentConfig, load_config, replace, resolve_config_path
 from lpcgma.distributed.search_space import SearchSpace, defaults_point, load_search_space, parse_search_space
 
 DRIVER_RESOURCE = "trial_driver"
@@ -426,17 +425,6 @@ def _read_text(uri: str) -> str | None:
         return None
     with fs.open_input_stream(path) as f:
         return bytes(f.read()).decode()
-
-
-def resolve_config_path(name: str) -> Path:
-    """A config file, or a packaged config by name (``synthetic`` → lpcgma/configs/synthetic.yaml)."""
-    p = Path(name)
-    if p.is_file():
-        return p
-    packaged = resources.files("lpcgma") / "configs" / f"{name.removesuffix('.yaml')}.yaml"
-    if packaged.is_file():
-        return Path(str(packaged))
-    raise ConfigError(f"config '{name}' is neither a file nor a packaged config (lpcgma/configs/)")
 
 
 # =========================================================================== the trial

@@ -15,6 +15,11 @@ from lpcgma.models import EMATeacher, build_model, upsample_logits
 Batch = dict[str, Tensor]
 
 
+def pixel_rows(t: Tensor) -> Tensor:
+    """Feature maps [B, D, h, w] → one row per pixel [B·h·w, D]."""
+    return t.permute(0, 2, 3, 1).reshape(-1, t.shape[1])
+
+
 @dataclass
 class StepOutput:
     """The loss to back-propagate and scalar tensors to log (kept as tensors: no host sync)."""

@@ -24,15 +24,10 @@ from lpcgma.losses.contrast import (
 )
 from lpcgma.losses.gmm import forward_alignment_loss
 from lpcgma.losses.segmentation import IGNORE_INDEX, downsample_labels, pseudo_labels
-from lpcgma.methods.base import Batch, StepOutput
+from lpcgma.methods.base import Batch, StepOutput, pixel_rows
 from lpcgma.methods.self_training import SelfTraining, TargetPass
 from lpcgma.methods.views import strong_view
 from lpcgma.prototypes import GaussianPrototypes
-
-
-def _pixels(t: Tensor) -> Tensor:
-    """[B, D, h, w] → [B·h·w, D]."""
-    return t.permute(0, 2, 3, 1).reshape(-1, t.shape[1])
 
 
 class LPCGMA(SelfTraining):
@@ -61,10 +56,10 @@ class LPCGMA(SelfTraining):
         loss, logs, src_out, tp = self.base_step(source, target)
         size = src_out["embed"].shape[-2:]
         y_src = downsample_labels(source["mask"], size).reshape(-1)
-        z_src = _pixels(src_out["embed"])
+        z_src = pixel_rows(src_out["embed"])
         # target side at feature resolution: the (mixed) student view and its labels/confidence
         y_mix, q_mix = self._mixed_targets(tp, size)
-        z_mix = _pixels(tp.student_out["embed"])
+        z_mix = pixel_rows(tp.student_out["embed"])
         # teacher's clean-target pseudo-labels at feature resolution (reverse alignment, diagnostics)
         t_pseudo, t_conf = pseudo_labels(tp.teacher_out["logits"])
         t_pseudo, t_conf = t_pseudo.reshape(-1), t_conf.reshape(-1)
@@ -87,7 +82,7 @@ class LPCGMA(SelfTraining):
         gmm_on = m.use_gmm_forward or m.use_gmm_reverse
         if gmm_on:
             with torch.no_grad():
-                z_src_teacher = _pixels(self.teacher(source["image"])["embed"])  # type: ignore[misc]
+                z_src_teacher = pixel_rows(self.teacher(source["image"])["embed"])  # type: ignore[misc]
             self.prototypes.push(z_src_teacher, y_src)
             if step + 1 >= m.gmm_warmup_iters and (
                 not bool(self.prototypes.fitted) or (step + 1 - m.gmm_warmup_iters) % m.gmm_refit_every == 0
@@ -107,7 +102,7 @@ class LPCGMA(SelfTraining):
         self._last = {
             "z_src": z_src.detach(),
             "y_src": y_src,
-            "z_tgt": _pixels(tp.teacher_out["embed"]).detach(),
+            "z_tgt": pixel_rows(tp.teacher_out["embed"]).detach(),
             "y_tgt": t_pseudo,
             "q_tgt": t_conf,
         }
@@ -151,8 +146,8 @@ class LPCGMA(SelfTraining):
     def _pix(self, tp: TargetPass, y_mix: Tensor) -> Tensor:
         """Pixel contrast between the student's (mixed) target view and a strong photometric view."""
         m = self.lcfg
-        z_weak = _pixels(tp.student_out["embed"])
-        z_strong = _pixels(self.forward_student(strong_view(tp.images, m.pix_irrg_prob))["embed"])
+        z_weak = pixel_rows(tp.student_out["embed"])
+        z_strong = pixel_rows(self.forward_student(strong_view(tp.images, m.pix_irrg_prob))["embed"])
         n = z_weak.shape[0]
         idx = torch.randperm(n, device=z_weak.device)[: m.pix_pixels]
         return pixel_view_contrast(z_weak[idx], z_strong[idx], y_mix[idx], m.tau_pix)

@@ -18,11 +18,7 @@ from lpcgma import comm
 from lpcgma.config import ExperimentConfig, SDCAConfig
 from lpcgma.losses.distribution import confident_pseudo_labels, pooled_stats_update, sdca_loss
 from lpcgma.losses.segmentation import downsample_labels
-from lpcgma.methods.base import Batch, Method, StepOutput
-
-
-def _pixels(t: Tensor) -> Tensor:
-    return t.permute(0, 2, 3, 1).reshape(-1, t.shape[1])
+from lpcgma.methods.base import Batch, Method, StepOutput, pixel_rows
 
 
 class SDCA(Method):
@@ -51,7 +47,7 @@ class SDCA(Method):
         """Fold source pixels (all ranks' pixels, so statistics stay identical) into the statistics."""
         y = comm.all_gather_cat(downsample_labels(labels, out["logits"].shape[-2:]).reshape(-1))
         for level, key in (("feat", "embed"), ("logit", "logits")):
-            x = comm.all_gather_cat(_pixels(out[key]).detach().float())
+            x = comm.all_gather_cat(pixel_rows(out[key]).detach().float())
             count, mean, var = pooled_stats_update(
                 getattr(self, f"{level}_count"), getattr(self, f"{level}_mean"), getattr(self, f"{level}_var"), x, y
             )
@@ -72,9 +68,9 @@ class SDCA(Method):
     def _terms(self, out: dict[str, Tensor], labels_f: Tensor) -> Tensor:
         m = self.scfg
         y = labels_f.reshape(-1)
-        feat = sdca_loss(_pixels(out["embed"]), y, self.feat_mean, self.feat_var, m.sdca_tau, m.sdca_normalize_stats)
+        feat = sdca_loss(pixel_rows(out["embed"]), y, self.feat_mean, self.feat_var, m.sdca_tau, m.sdca_normalize_stats)
         logit = sdca_loss(
-            _pixels(out["logits"]), y, self.logit_mean, self.logit_var, m.sdca_tau, m.sdca_normalize_stats
+            pixel_rows(out["logits"]), y, self.logit_mean, self.logit_var, m.sdca_tau, m.sdca_normalize_stats
         )
         return m.lambda_feat * feat + m.lambda_logit * logit
 
