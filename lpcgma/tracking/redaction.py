@@ -51,6 +51,9 @@ _CAMEL = re.compile(r"(?<=[a-z0-9])(?=[A-Z])")
 _URL_PASSWORD = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<user>[^:/@\s]*):(?P<pw>[^@/\s]+)@")
 # keys that merely mention one of the words but hold no secret
 _ALLOWED_KEYS = frozenset({"mlflow.user", "mlflow.source.git.commit"})
+# environment variables that only look secret: the shell's working directories (PWD = "print working
+# directory", not "password")
+_NOT_SECRET_ENV = frozenset({"PWD", "OLDPWD"})
 
 
 def is_secret_key(key: str) -> bool:
@@ -67,7 +70,9 @@ def is_secret_key(key: str) -> bool:
 
 def secret_env_values(min_length: int = 6) -> list[str]:
     """Values of environment variables whose names look secret (longest first)."""
-    values = {v for k, v in os.environ.items() if is_secret_key(k) and len(v) >= min_length}
+    values = {
+        v for k, v in os.environ.items() if k not in _NOT_SECRET_ENV and is_secret_key(k) and len(v) >= min_length
+    }
     return sorted(values, key=len, reverse=True)
 
 

@@ -74,3 +74,12 @@ def test_short_or_unrelated_env_values_are_not_masked(monkeypatch: pytest.Monkey
     monkeypatch.setenv("SOME_TOKEN", "abc")  # too short to be masked everywhere
     monkeypatch.setenv("HOME_DIR_NAME", "lpcgma-synthetic")  # not a secret name
     assert redact_value("abc lpcgma-synthetic") == "abc lpcgma-synthetic"
+
+
+def test_working_directory_paths_are_not_mistaken_for_passwords(monkeypatch: pytest.MonkeyPatch) -> None:
+    """PWD/OLDPWD hold the shell's folders: a run's out_dir under them must stay readable."""
+    monkeypatch.setenv("PWD", "/home/user/project")
+    monkeypatch.setenv("OLDPWD", "/home/user")
+    monkeypatch.setenv("DB_PWD", "hunter2-secret")
+    assert redact_value("/home/user/project/runs/tune/x") == "/home/user/project/runs/tune/x"
+    assert redact_value("postgres with hunter2-secret") == f"postgres with {REDACTED}"
