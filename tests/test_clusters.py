@@ -25,7 +25,9 @@ def test_valid_for_rays_schema(name: str) -> None:
     from ray.autoscaler._private.util import prepare_config, validate_config
 
     cfg = load(name)
-    validate_config(prepare_config(copy.deepcopy(cfg)))
+    prepared = prepare_config(copy.deepcopy(cfg))
+    validate_config(prepared)  # raises jsonschema.ValidationError on a config Ray would refuse
+    assert prepared["cluster_name"] == cfg["cluster_name"] and prepared["available_node_types"]
 
 
 def _commands(cfg: dict[str, Any]) -> list[str]:

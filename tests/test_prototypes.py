@@ -226,8 +226,8 @@ def test_ddp_ranks_hold_identical_prototypes(tmp_path: Path) -> None:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     mp.spawn(_ddp_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
-    s0 = torch.load(tmp_path / "rank0.pt")
-    s1 = torch.load(tmp_path / "rank1.pt")
+    s0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    s1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
     assert s0["count"].sum() > 0 and bool(s0["fitted"])
     assert s0["grad_a"].tolist() == [1.5] * 3 and s0["grad_b"].tolist() == [2.0] * 3
     assert s0["mean"].item() == 0.5 and not bool(s0["unused_has_grad"])

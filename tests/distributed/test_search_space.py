@@ -80,7 +80,8 @@ def test_packaged_spaces_fit_their_base_configs(config: str, space: str) -> None
 
 def test_smoke_space_works_for_every_method() -> None:
     for method in ("source_only", "oracle", "self_training", "lpcgma", "sdca", "bida"):
-        load_search_space("smoke", method=method)
+        space = load_search_space("smoke", method=method)
+        assert space.keys, method
 
 
 # ------------------------------------------------------------------------------ refusals
