@@ -96,15 +96,23 @@ def find_search_runs(client: Any, search_name: str, role: str = "search") -> lis
     if not exps:
         return []
     quoted = search_name.replace("'", "\\'")
+    return _all_runs(
+        client,
+        exps,
+        f"tags.`{ROLE_TAG}` = '{role}' and tags.{SEARCH_TAG} = '{quoted}'",
+        order_by=["attributes.start_time DESC"],
+    )
+
+
+def _all_runs(
+    client: Any, experiment_ids: list[str], filter_string: str, order_by: list[str] | None = None
+) -> list[Any]:
+    """Every run matching `filter_string`, following MLflow's result pages."""
     runs: list[Any] = []
     token = None
     while True:
         page = client.search_runs(
-            exps,
-            filter_string=f"tags.`{ROLE_TAG}` = '{role}' and tags.{SEARCH_TAG} = '{quoted}'",
-            order_by=["attributes.start_time DESC"],
-            max_results=1000,
-            page_token=token,
+            experiment_ids, filter_string=filter_string, order_by=order_by, max_results=1000, page_token=token
         )
         runs.extend(page)
         token = page.token
@@ -156,19 +164,7 @@ def end_search_run(parent_run_id: str, status: str = "FINISHED", tracking_uri: s
 def child_runs(client: Any, parent_run_id: str) -> list[Any]:
     """All runs whose ``mlflow.parentRunId`` is `parent_run_id`."""
     parent = client.get_run(parent_run_id)
-    runs: list[Any] = []
-    token = None
-    while True:
-        page = client.search_runs(
-            [parent.info.experiment_id],
-            filter_string=f"tags.`{PARENT_TAG}` = '{parent_run_id}'",
-            max_results=1000,
-            page_token=token,
-        )
-        runs.extend(page)
-        token = page.token
-        if not token:
-            return runs
+    return _all_runs(client, [parent.info.experiment_id], f"tags.`{PARENT_TAG}` = '{parent_run_id}'")
 
 
 def ray_trial_status(results: Any) -> tuple[dict[str, str], dict[str, str]]:
