@@ -13,11 +13,10 @@ the best trial against the defaults trial on target mIoU. Everything comes from 
 
 from __future__ import annotations
 
-import argparse
 import sys
 from collections.abc import Sequence
 
-from lpcgma.distributed.tune import add_search_arguments, mlflow_hooks, promote_best, run_search, settings_from_args
+from lpcgma.distributed.tune import experiment_main
 
 # The demo's trials, sized for a 2-core CPU: LPCGMA with small crops and a short schedule (4
 # evaluations), its Gaussian-prototype terms switched on early enough to matter.
@@ -35,17 +34,15 @@ DEMO_OVERRIDES = (
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_search_arguments(parser, config="synthetic", search_space="synthetic", num_samples=10)
-    parser.add_argument("--promote", action="store_true", help="register the best trial as the champion model")
-    parser.add_argument("overrides", nargs="*", help="dotted base-config overrides, e.g. train.iters=200")
-    args = parser.parse_args(argv)
-    demo = () if args.smoke_test else DEMO_OVERRIDES
-    settings = settings_from_args(args, extra_overrides=("method.name=lpcgma", *demo))
-    outcome = run_search(settings, *mlflow_hooks())
-    if args.promote and outcome.complete:
-        promote_best(settings.name, settings.objective, settings.mode)
-    return 0 if outcome.complete and outcome.best is not None else 1
+    return experiment_main(
+        argv,
+        __doc__,
+        config="synthetic",
+        search_space="synthetic",
+        num_samples=10,
+        extra_overrides=("method.name=lpcgma",),
+        smoke_free_overrides=DEMO_OVERRIDES,
+    )
 
 
 if __name__ == "__main__":

@@ -1037,6 +1037,42 @@ def promote_best(
     return True
 
 
+def experiment_main(
+    argv: Sequence[str] | None,
+    description: str | None,
+    config: str,
+    search_space: str,
+    num_samples: int,
+    data_root_env: str | None = None,
+    data_root_help: str = "",
+    extra_overrides: Sequence[str] = (),
+    smoke_free_overrides: Sequence[str] = (),
+) -> int:
+    """The body of every `experiments/tune_*.py` script: parse → search → optionally promote.
+
+    `data_root_env` adds ``--data-root`` (default: that environment variable) → ``data.root``;
+    `smoke_free_overrides` apply only without ``--smoke-test`` (e.g. the demo's trial sizes).
+    Exit code 0 when the search completed with a best trial.
+    """
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_search_arguments(parser, config=config, search_space=search_space, num_samples=num_samples)
+    if data_root_env:
+        parser.add_argument(
+            "--data-root", default=os.environ.get(data_root_env), help=f"{data_root_help} (default: ${data_root_env})"
+        )
+    parser.add_argument("--promote", action="store_true", help="register the best trial as the champion model")
+    parser.add_argument("overrides", nargs="*", help="dotted base-config overrides, e.g. train.iters=20000")
+    args = parser.parse_args(argv)
+    extra = [*extra_overrides, *(() if args.smoke_test else smoke_free_overrides)]
+    if getattr(args, "data_root", None):
+        extra.append(f"data.root={args.data_root}")
+    settings = settings_from_args(args, extra_overrides=extra)
+    outcome = run_search(settings, *mlflow_hooks())
+    if args.promote and outcome.complete:
+        promote_best(settings.name, settings.objective, settings.mode)
+    return 0 if outcome.complete and outcome.best is not None else 1
+
+
 __all__ = [
     "DRIVER_RESOURCE",
     "NodeShape",
@@ -1048,6 +1084,7 @@ __all__ = [
     "TrialSetup",
     "TrialSummary",
     "add_search_arguments",
+    "experiment_main",
     "autoscaler_nodes",
     "cluster_nodes",
     "evaluations_per_trial",
