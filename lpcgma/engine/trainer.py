@@ -8,6 +8,7 @@ every rank draws from its own data shard, and rank 0 evaluates and writes checkp
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import random
@@ -145,7 +146,9 @@ class Trainer:
             return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
         return torch.optim.AdamW(groups, lr=o.lr, weight_decay=o.weight_decay)
 
-    def _streams(self) -> tuple[Iterator[dict[str, Tensor]], Iterator[dict[str, Tensor]]]:
+    @functools.cached_property
+    def _train_streams(self) -> tuple[TrainStream, TrainStream]:
+        """The source and target streams, built once (rare-class histograms are computed here)."""
         d, seed = self.cfg.data, self.cfg.train.seed
         transform = TrainTransform(d.crop_size, d.scale_range, d.hflip, d.photometric, self.data.mean, self.data.std)
         rcs = d.rcs_temperature if d.rcs_enabled else None
@@ -165,6 +168,11 @@ class Trainer:
                 (self.data.target_train, seed * 2 + 2, None),
             )
         )
+        return src, tgt
+
+    def _streams(self) -> tuple[Iterator[dict[str, Tensor]], Iterator[dict[str, Tensor]]]:
+        """Batch iterators of both domains from the current step on."""
+        src, tgt = self._train_streams
         return src.batches(self.step), tgt.batches(self.step)
 
     # ------------------------------------------------------------------------------ checkpoints
