@@ -40,7 +40,9 @@ import importlib
 import json
 import math
 import os
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
@@ -684,9 +686,13 @@ def run_search(
                 ),
             )
             tuner = _build_tuner(settings, trainable, space, defaults, plan, max_t, storage)
+        sigint_before = signal.getsignal(signal.SIGINT)
         results = tuner.fit()
         outcome = summarize(results, settings.objective, settings.mode, defaults, experiment_path, max_t)
-        outcome.complete = results.num_terminated + results.num_errors >= settings.num_samples
+        outcome.complete = (
+            not _tune_was_interrupted(sigint_before)
+            and results.num_terminated + results.num_errors >= settings.num_samples
+        )
         print(outcome.format(settings.top_k), flush=True)
         if not outcome.complete:  # interrupted (Ctrl-C): the parent run stays open for --resume
             storage_arg = settings.storage if "://" in settings.storage else storage
@@ -703,6 +709,18 @@ def run_search(
             import ray
 
             ray.shutdown()
+
+
+def _tune_was_interrupted(sigint_before: Any) -> bool:
+    """Whether Ctrl-C (SIGINT) stopped `tuner.fit()`.
+
+    Ray Tune does not expose this: on a run's first SIGINT its handler puts the previous handler
+    back, and after a normal run its own handler stays installed. Counting finished trials is not
+    enough — Tune marks the trial it interrupted TERMINATED too.
+    """
+    if threading.current_thread() is not threading.main_thread() or os.getenv("TUNE_DISABLE_SIGINT_HANDLER") == "1":
+        return False  # Tune installed no handler: nothing to tell by
+    return signal.getsignal(signal.SIGINT) is sigint_before
 
 
 def _space_mapping(space: SearchSpace) -> dict[str, Any]:
