@@ -5,14 +5,17 @@
     python experiments/compare_methods.py --config loveda_sample --seeds 0 1 2 --out results/cross_sensor.md
 
 Every run is a real `lpcgma.engine.trainer.Trainer` run (MLflow tracking off unless --track); the
-table holds mean ± std over seeds of the final target mIoU and per-class IoU (×100). Runs whose
-output folder already holds a finished `result.json` are not trained again (resumable).
+table holds mean ± std over seeds of the final target mIoU and per-class IoU (×100). A run's folder
+is named by a hash of its overrides and seed, so identical runs are shared between tables (the
+ablation's self-training and full-LPCGMA runs are the methods table's); runs whose folder already
+holds a finished `result.json` are not trained again (resumable).
 Works from any folder: it imports the installed `lpcgma` package only.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import statistics
 import time
@@ -39,11 +42,19 @@ ABLATION: dict[str, list[str]] = {
 }
 
 
+def run_dir(base: Path, overrides: list[str], seed: int) -> Path:
+    """The run folder of one (overrides, seed): the same runs share a folder whatever the table."""
+    key = hashlib.sha1(json.dumps(sorted(overrides)).encode()).hexdigest()[:12]
+    return base / f"{key}-s{seed}"
+
+
 def run_variant(config: str, overrides: list[str], seed: int, out_dir: Path, track: bool) -> dict[str, float]:
     """Train one (variant, seed) to the end, or read its stored result."""
     done = out_dir / "result.json"
     if done.is_file():
         return json.loads(done.read_text())  # type: ignore[no-any-return]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "variant.json").write_text(json.dumps({"config": config, "overrides": overrides, "seed": seed}))
     cfg = load_cli_config(
         config,
         [
@@ -102,15 +113,13 @@ def main() -> None:
         if unknown:
             p.error(f"unknown variants {sorted(unknown)}; choose from {list(variants)}")
         variants = {k: v for k, v in variants.items() if k in args.only}
-    tag = "ablation" if args.ablation else "methods"
-    base = Path(args.runs_dir) / f"{Path(args.config).stem}-{tag}"
+    base = Path(args.runs_dir) / Path(args.config).stem
     results: dict[str, list[dict[str, float]]] = {}
     for name, overrides in variants.items():
-        slug = name.replace(" ", "_").replace("+", "p").replace("(", "").replace(")", "")
         for seed in args.seeds:
-            metrics = run_variant(
-                args.config, [*args.overrides, *overrides], seed, base / f"{slug}-s{seed}", args.track
-            )
+            all_overrides = [*args.overrides, *overrides]
+            out_dir = run_dir(base, all_overrides, seed)
+            metrics = run_variant(args.config, all_overrides, seed, out_dir, args.track)
             results.setdefault(name, []).append(metrics)
             print(
                 f"{name:32s} seed {seed}: target mIoU {100 * metrics['target_miou']:.1f} ({metrics['wall_s']:.0f} s)",

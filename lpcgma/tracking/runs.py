@@ -168,6 +168,9 @@ class MLflowCallback(Callback):
         self.palette: list[tuple[int, int, int]] = []
         self.out_dir: Path | None = None
         self._ended = False
+        # the highest step whose training logs / evaluation metrics reached the logger (in the run file)
+        self._logged: dict[str, int] = {"log": -1, "eval": -1}
+        self._skip_through: dict[str, int] = {"log": -1, "eval": -1}  # a continued run: already in MLflow
 
     # --------------------------------------------------------------------------------- hooks
     def on_train_start(self, trainer: Trainer) -> None:
@@ -214,6 +217,11 @@ class MLflowCallback(Callback):
             self.run_id = self.logger.start_run(cfg.tracking.experiment, name, tags, run_id=continue_id)
         if continue_id:
             self.logger.set_tags(tags)
+            if previous is not None and previous.get("run_id") == continue_id:
+                # steps between the checkpoint and the crash were logged before: log each step once
+                logged = previous.get("logged_steps") or {}
+                self._skip_through = {k: int(logged.get(k, -1)) for k in self._skip_through}
+                self._logged = dict(self._skip_through)
         self.logger.log_params(params)
         self.logger.log_text(redact_yaml_text(dump_config(cfg)), "config.yaml")
         classes_info = {
@@ -232,14 +240,14 @@ class MLflowCallback(Callback):
     def on_log(self, step: int, logs: dict[str, float]) -> None:
         if self.logger is None or self._ended:
             return
-        self.logger.log_metrics(logs, step)
+        self._log_step_metrics("log", logs, step)
 
     def on_eval(self, report: EvalReport) -> None:
         if self.logger is None or self._ended:
             return
         lg = self.logger
         if report.metrics:
-            lg.log_metrics(report.metrics, report.step)
+            self._log_step_metrics("eval", report.metrics, report.step)
         try:
             self._log_figures(report)
         except Exception as e:  # a figure is never worth a training run
@@ -270,6 +278,20 @@ class MLflowCallback(Callback):
             self._end(status)
 
     # ------------------------------------------------------------------------------- helpers
+    def _log_step_metrics(self, kind: str, metrics: dict[str, float], step: int) -> None:
+        """Log `metrics` (`kind` "log" or "eval") at `step` unless a continued run logged them before its crash.
+
+        A resumed run replays the steps between its checkpoint and the crash (exact resume: the same
+        values); MLflow cannot delete points, so those steps are skipped rather than logged twice.
+        """
+        assert self.logger is not None
+        if step <= self._skip_through[kind]:
+            return
+        self.logger.log_metrics(metrics, step)
+        if step > self._logged[kind]:
+            self._logged[kind] = step
+            self._write_run_file(status="RUNNING")
+
     def _log_figures(self, report: EvalReport) -> None:
         """Confusion matrix, per-class IoU bars and prediction overlays of one evaluation."""
         assert self.logger is not None
@@ -322,6 +344,7 @@ class MLflowCallback(Callback):
             "parent_run_id": self.parent_run_id,
             "status": status,
             "offline": self.logger.offline,
+            "logged_steps": self._logged,
         }
         tmp = self.out_dir / (RUN_FILE + ".tmp")
         tmp.write_text(json.dumps(record, indent=1))

@@ -130,6 +130,30 @@ def test_a_resumed_run_continues_its_mlflow_run(tmp_path: Path, file_store: str)
     assert len(client.search_runs([client.get_experiment_by_name("tests").experiment_id])) == 1
 
 
+def test_a_resumed_run_logs_each_replayed_step_once(tmp_path: Path, file_store: str) -> None:
+    """Crash at step 3 after the checkpoint of step 2: the resumed run replays step 3 (and the
+    evaluation of step 3) but MLflow keeps one point per step, with nothing missing."""
+    cfg = synthetic_cfg(tmp_path / "run", file_store, "tracking.log_overlays=0")
+    first = MLflowCallback(cfg)
+    first.on_train_start(fake_trainer(cfg))
+    for step in (1, 2, 3):
+        first.on_log(step, {"loss/total": 1.0 / step})
+    first.on_eval(fake_report(3, None, is_best=False))
+    # killed: no on_exception, no end of run (SIGKILL)
+    second = MLflowCallback(cfg)
+    second.on_train_start(fake_trainer(cfg, step=2))
+    for step in (3, 4):
+        second.on_log(step, {"loss/total": 1.0 / step})
+    second.on_eval(fake_report(3, None, is_best=False))
+    second.on_eval(fake_report(4, None, is_best=False))
+    second.on_train_end(TrainResult(4, tmp_path / "run", {}, 0.4, 4, None, None))
+    assert second.run_id == first.run_id
+    client = MlflowClient(file_store)
+    assert [m.step for m in client.get_metric_history(first.run_id, "loss/total")] == [1, 2, 3, 4]
+    assert [m.step for m in client.get_metric_history(first.run_id, "target_miou")] == [3, 4]
+    assert json.loads((tmp_path / "run" / RUN_FILE).read_text())["logged_steps"] == {"log": 4, "eval": 4}
+
+
 def test_stop_requests_are_killed_other_errors_failed() -> None:
     class TrialStopped(Exception):
         pass
