@@ -37,7 +37,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     result = Trainer(cfg, _tracking_callbacks(cfg)).fit(args.resume_from)
     summary = {
         "step": result.step,
-        "best_target_miou": result.best_metric,
+        f"best_{result.selection_metric}": result.best_metric,
         "best_step": result.best_step,
         "final": {k: v for k, v in result.final_metrics.items() if "/" not in k},
         "best_checkpoint": str(result.best_checkpoint) if result.best_checkpoint else None,
@@ -66,7 +66,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     metrics, cm, _ = trainer.evaluate()
     print(json.dumps({"step": state["step"], **metrics}, indent=2))
     if args.out:
-        Path(args.out).write_text(yaml.safe_dump({"metrics": metrics, "confusion": cm.tolist()}))
+        confusion = None if cm is None else cm.tolist()  # None: the target has no labels
+        Path(args.out).write_text(yaml.safe_dump({"metrics": metrics, "confusion": confusion}))
     return 0
 
 
@@ -92,6 +93,57 @@ def cmd_data_prepare_isprs(args: argparse.Namespace) -> int:
     )
     print(f"prepared {args.dataset} patches under {args.out}")
     return 0
+
+
+def cmd_data_pack(args: argparse.Namespace) -> int:
+    from lpcgma.config import parse_override
+    from lpcgma.data.shards import pack_dataset
+
+    values: dict[str, object] = {"data.dataset": args.dataset, "data.root": args.root or ""}
+    for text in args.overrides:
+        key, value = parse_override(text)
+        if not key.startswith("data."):
+            raise ConfigError(f"override {text!r} is invalid here: `lpcgma data pack` takes data.* keys only")
+        values[key] = value
+    try:
+        m = pack_dataset(load_config(None, values).data, args.out, args.shard_mb, args.shard_rows, log=print)
+    except OSError as e:  # storage errors (S3 bucket, permissions) as well as missing data
+        print(f"lpcgma: error: {e}", file=sys.stderr)
+        return 2
+    mb = sum(s.bytes for s in m.shards) / 2**20
+    print(f"{m.dataset}: {m.describe()} ({len(m.shards)} shard(s), {mb:.1f} MB)")
+    print(f"train from them: lpcgma train --config CONFIG data.dataset=shards data.root={m.location.uri}")
+    return 0
+
+
+def cmd_data_download(args: argparse.Namespace) -> int:
+    from lpcgma.data.download import DownloadError, FetchOptions, download_isprs, download_loveda
+
+    try:
+        if args.dataset == "loveda":
+            options = FetchOptions(progress=not args.quiet)
+            done = download_loveda(args.root, args.splits, base_url=args.base_url, keep_archives=args.keep_archives,
+                                   options=options)  # fmt: skip
+            print(f"LoveDA under {args.root}: " + ", ".join(f"{s} {what}" for s, what in done.items()))
+            print(f"check it with: lpcgma data check --dataset loveda --root {args.root}")
+            return 0
+        found = download_isprs(args.root, args.isprs_datasets, args.modality, args.password)
+    except DownloadError as e:
+        print(f"lpcgma: error: {e}", file=sys.stderr)
+        return 2
+    return 0 if all(tiles is not None for tiles in found.values()) else 1  # 1: archives still to request
+
+
+def cmd_data_check(args: argparse.Namespace) -> int:
+    from lpcgma.data.check import check_isprs, check_loveda
+
+    if args.dataset == "loveda":
+        report = check_loveda(args.root, args.splits, args.domains, expect_counts=args.expect_counts,
+                              sample=args.sample, tile_size=args.tile_size)  # fmt: skip
+    else:
+        report = check_isprs(args.root, args.isprs_datasets, args.modality)
+    print(report.table())
+    return 0 if report.ok else 1
 
 
 def cmd_promote(args: argparse.Namespace) -> int:
@@ -193,6 +245,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stride", type=int, default=0, help="default: the patch size")
     p.add_argument("--ignore-clutter", action="store_true", help="clutter → ignore (5-class protocol)")
     p.set_defaults(func=cmd_data_prepare_isprs)
+    p = data.add_parser("pack", help="pack a prepared dataset into Parquet shards (a folder or s3://) to train from")
+    p.add_argument("--dataset", choices=["loveda", "isprs", "synthetic"], required=True)
+    p.add_argument("--root", help="LoveDA: holds Train/ Val/ Test/; ISPRS: prepared patches; synthetic: unused")
+    p.add_argument("--out", required=True, help="shards folder or s3://bucket/prefix (endpoint: $AWS_ENDPOINT_URL_S3)")
+    p.add_argument("--shard-mb", type=float, default=256.0, help="close a shard before it passes this many MB")
+    p.add_argument("--shard-rows", type=int, default=1024, help="... or this many tiles (0: no tile cap)")
+    p.add_argument("overrides", nargs="*", help="data.* overrides, e.g. data.synthetic_tiles=16 (synthetic)")
+    p.set_defaults(func=cmd_data_pack)
+    download = data.add_parser("download", help="get LoveDA (Zenodo, verified, resumable) or set up ISPRS archives")
+    download.add_argument("dataset", choices=["loveda", "isprs"])
+    download.add_argument("--base-url", help="LoveDA mirror (default: $LPCGMA_LOVEDA_URL, else Zenodo 5706578)")
+    download.add_argument("--keep-archives", action="store_true", help="keep LoveDA's zips after extraction")
+    download.add_argument("--quiet", action="store_true", help="no progress bar")
+    download.add_argument("--password", help="password of encrypted ISPRS zips (given with the download)")
+    download.set_defaults(func=cmd_data_download)
+    check = data.add_parser("check", help="check a dataset on disk: counts, sizes, masks, missing files")
+    check.add_argument("--dataset", choices=["loveda", "isprs"], required=True)
+    check.add_argument("--domains", nargs="+", type=str.capitalize, choices=["Rural", "Urban"],
+                       default=["Rural", "Urban"], help="LoveDA domains")  # fmt: skip
+    check.add_argument("--expect-counts", action=argparse.BooleanOptionalAction, default=True,
+                       help="compare LoveDA image counts with the official ones (off: a subset on disk)")  # fmt: skip
+    check.add_argument("--sample", type=int, help="read only N evenly spread images per LoveDA split/domain")
+    check.add_argument("--tile-size", type=int, default=1024, help="expected LoveDA tile size (synthetic: 256)")
+    check.set_defaults(func=cmd_data_check)
+    for p in (download, check):
+        p.add_argument("--root", required=True, help="LoveDA: holds Train/ Val/ Test/; ISPRS: Potsdam/ Vaihingen/")
+        p.add_argument("--splits", nargs="+", type=str.capitalize, choices=["Train", "Val", "Test"],
+                       default=["Train", "Val", "Test"], help="LoveDA splits")  # fmt: skip
+        p.add_argument("--isprs-datasets", nargs="+", choices=["potsdam", "vaihingen"],
+                       default=["potsdam", "vaihingen"], help="ISPRS datasets")  # fmt: skip
+        p.add_argument("--modality", choices=["rgb", "irrg"], default="irrg", help="ISPRS Potsdam image tiles")
 
     p = sub.add_parser("promote", help="register a search's best trial as the champion model")
     p.add_argument("--search", help="search name (its trial runs are the candidates)")

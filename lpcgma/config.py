@@ -34,6 +34,7 @@ class DataConfig:
     target_train_split: Literal["train", "val"] = "val"  # LoveDA: val = official benchmark, train = DAFormer
     target_eval_split: Literal["train", "val", "test"] = "val"  # split the target metrics are computed on
     source_eval_split: Literal["train", "val"] = "val"  # source validation split (label-free model selection)
+    target_labels: bool = True  # False: target masks are never read, no target mIoU (select with train.select_by)
     eval_max_tiles: int = 0  # evaluate on at most this many target tiles (0 = all)
     crop_size: int = 512  # training crop (pixels, square)
     batch_size: int = 2  # per domain and per worker: batch_size source + batch_size target
@@ -92,6 +93,12 @@ class TrainConfig:
     out_dir: str = "runs/default"  # run folder: checkpoints, metrics.jsonl, config.yaml
     resume: bool = True  # resume from out_dir/checkpoints/last.pt when present
     progress: bool = True  # progress bar on a terminal
+    # model selection (lpcgma/engine/label_free.py); the label-free criteria cost about one forward
+    # pass of 3 × label_free_tiles crops per evaluation, source_miou one sliding-window pass per tile
+    select_by: str = "target_miou"  # picks checkpoints/best: a criterion (snd, entropy, im, ...) or its metric key
+    label_free_tiles: int = 8  # fixed seeded target_train tiles (an eval_window crop each) for the criteria (0 = off)
+    snd_pixels: int = 1024  # pixels of those crops (fixed seeded subsample) in the SND similarity matrix
+    source_eval_tiles: int = 16  # fixed seeded data.source_eval_split tiles for source_miou (0 = off)
 
 
 # ----------------------------------------------------------------------------------------- methods
@@ -224,6 +231,15 @@ class ExperimentConfig:
         _check(self.train.eval_every > 0, "train.eval_every", self.train.eval_every, "> 0")
         _check(self.train.checkpoint_every > 0, "train.checkpoint_every", self.train.checkpoint_every, "> 0")
         _check(self.train.eval_stride > 0, "train.eval_stride", self.train.eval_stride, "> 0")
+        _check(self.train.label_free_tiles >= 0, "train.label_free_tiles", self.train.label_free_tiles, ">= 0")
+        _check(self.train.snd_pixels >= 2, "train.snd_pixels", self.train.snd_pixels, ">= 2")
+        _check(self.train.source_eval_tiles >= 0, "train.source_eval_tiles", self.train.source_eval_tiles, ">= 0")
+        _check(
+            self.data.target_labels or self.method.name != "oracle",
+            "method.name",
+            self.method.name,
+            "a method that reads no target labels when data.target_labels=false (the oracle trains on them)",
+        )
         _check(
             self.train.eval_stride <= self.train.eval_window,
             "train.eval_stride",

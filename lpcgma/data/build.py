@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch.utils.data import Dataset, Subset
 
@@ -22,6 +22,9 @@ from lpcgma.data.loveda import LoveDA
 from lpcgma.data.sensor import SensorShifted
 from lpcgma.data.synthetic import SyntheticAerial
 
+if TYPE_CHECKING:
+    from lpcgma.data.shards import Manifest
+
 RawDataset = Dataset[dict[str, Any]]
 # LoveDA's *_irrg domains: the domain's RGB tiles through the explicit IRRG sensor model (sensor.py),
 # a cross-sensor task built from real tiles alone.
@@ -30,6 +33,7 @@ _DOMAINS = {
     "loveda": ("rural", "urban", "rural_irrg", "urban_irrg"),
     "isprs": tuple(FOLDERS),
 }
+_CLASSES = {"synthetic": SYNTHETIC_CLASSES, "loveda": LOVEDA_CLASSES, "isprs": ISPRS_CLASSES}
 
 
 @dataclass(frozen=True)
@@ -45,35 +49,58 @@ class DomainData:
     std: tuple[float, float, float]
 
 
+def family_classes(family: str, ignore_clutter: bool = False) -> ClassInfo:
+    """The classes of a dataset family; ISPRS without clutter (5 classes) when `ignore_clutter`."""
+    if family == "isprs" and ignore_clutter:
+        return ISPRS_CLASSES_NO_CLUTTER
+    return _CLASSES[family]
+
+
 def build_datasets(data_cfg: DataConfig) -> DomainData:
-    """The datasets `data_cfg` describes; eval sets are cut to the first `eval_max_tiles` tiles."""
+    """The datasets `data_cfg` describes; eval sets are cut to the first `eval_max_tiles` tiles.
+
+    ``data.dataset=shards`` reads Parquet shards (`lpcgma.data.shards`) from the folder or s3:// URI
+    ``data.root``: the dataset family, domains and splits come from their manifest.
+    """
     c = data_cfg
-    if c.dataset == "shards":
-        raise NotImplementedError("Parquet shards: see issue 9")
-    if c.dataset not in _DOMAINS:
-        raise ConfigError(f"config key 'data.dataset' = {c.dataset!r} is invalid: expected one of {sorted(_DOMAINS)}")
+    if c.dataset not in _DOMAINS and c.dataset != "shards":
+        expected = sorted([*_DOMAINS, "shards"])
+        raise ConfigError(f"config key 'data.dataset' = {c.dataset!r} is invalid: expected one of {expected}")
+    if c.dataset != "synthetic" and not c.root:
+        what = "the shards folder or s3:// URI" if c.dataset == "shards" else "the dataset folder"
+        raise ConfigError(f"config key 'data.root' is empty: data.dataset={c.dataset} needs {what}")
+    if c.dataset in ("loveda", "isprs") and "://" in c.root:
+        raise ConfigError(
+            f"config key 'data.root' = {c.root!r} is invalid for data.dataset={c.dataset}: expected a local "
+            "folder; to read from a URI, pack the dataset (lpcgma data pack) and set data.dataset=shards"
+        )
+    manifest = _read_manifest(c.root) if c.dataset == "shards" else None
+    family = manifest.dataset if manifest is not None else c.dataset
+    if manifest is None:
+        domains = _DOMAINS[family]
+    else:  # LoveDA's *_irrg domains apply to LoveDA shards too
+        irrg = tuple(f"{d}_irrg" for d in manifest.domains) if family == "loveda" else ()
+        domains = (*manifest.domains, *irrg)
+    where = f" (the domains of the shards at '{c.root}')" if manifest is not None else ""
     for key, value in (("source_domain", c.source_domain), ("target_domain", c.target_domain)):
-        if value not in _DOMAINS[c.dataset]:
+        if value not in domains:
             raise ConfigError(
                 f"config key 'data.{key}' = {value!r} is invalid for data.dataset={c.dataset}: "
-                f"expected one of {list(_DOMAINS[c.dataset])}"
+                f"expected one of {list(domains)}{where}"
             )
-    if c.dataset != "synthetic" and not c.root:
-        raise ConfigError(f"config key 'data.root' is empty: data.dataset={c.dataset} needs the dataset folder")
-    if c.dataset == "isprs" and c.target_eval_split == "test":
+    if family == "isprs" and c.target_eval_split == "test":
         raise ConfigError("config key 'data.target_eval_split' = 'test' is invalid for ISPRS: expected train or val")
+    if manifest is not None:
+        _check_shard_splits(c, manifest)
+    classes = family_classes(family, c.isprs_ignore_clutter)
     opened: dict[tuple[str, str, bool], RawDataset] = {}
 
     def get(domain: str, split: str, is_target: bool) -> RawDataset:  # one instance (and cache) per set
         if (domain, split, is_target) not in opened:
-            opened[domain, split, is_target] = _open(c, domain, split, is_target)
+            opened[domain, split, is_target] = _open(c, domain, split, is_target, manifest, classes)
         return opened[domain, split, is_target]
 
-    if c.dataset == "isprs":
-        classes = ISPRS_CLASSES_NO_CLUTTER if c.isprs_ignore_clutter else ISPRS_CLASSES
-    else:
-        classes = LOVEDA_CLASSES if c.dataset == "loveda" else SYNTHETIC_CLASSES
-    mean, std = MEAN_STD[c.dataset]
+    mean, std = MEAN_STD[family]
     return DomainData(
         source_train=get(c.source_domain, "train", False),
         target_train=get(c.target_domain, c.target_train_split, True),
@@ -85,27 +112,68 @@ def build_datasets(data_cfg: DataConfig) -> DomainData:
     )
 
 
+def _read_manifest(root: str) -> Manifest:
+    from lpcgma.data.shards import LocationError, read_manifest  # pyarrow only when shards are used
+
+    try:
+        return read_manifest(root)
+    except LocationError as e:
+        raise ConfigError(f"config key 'data.root' = {root!r} is invalid: {e}") from e
+
+
+def _check_shard_splits(c: DataConfig, manifest: Manifest) -> None:
+    """Every split the config reads is in the shards; the error names the config key."""
+    for key, domain, split in (
+        ("data.source_domain", c.source_domain, "train"),
+        ("data.target_train_split", c.target_domain, c.target_train_split),
+        ("data.target_eval_split", c.target_domain, c.target_eval_split),
+        ("data.source_eval_split", c.source_domain, c.source_eval_split),
+    ):
+        base = domain.removesuffix("_irrg")
+        if split not in manifest.counts[base]:
+            value = domain if key == "data.source_domain" else split
+            raise ConfigError(
+                f"config key '{key}' = {value!r} is invalid: the shards at '{c.root}' hold no {split} tiles of "
+                f"domain {base!r} (they hold {manifest.describe()})"
+            )
+
+
 def _first(dataset: RawDataset, n: int) -> RawDataset:
     """The first `n` tiles of `dataset` (all when n is 0 or at least its size)."""
     size = len(dataset)  # type: ignore[arg-type]
     return dataset if n <= 0 or n >= size else Subset(dataset, range(n))
 
 
-def _open(c: DataConfig, domain: Any, split: Any, is_target: bool) -> RawDataset:
-    """One raw dataset of the configured family (`domain` and `split` validated by the caller)."""
+def _open(
+    c: DataConfig, domain: Any, split: Any, is_target: bool, manifest: Manifest | None, classes: ClassInfo
+) -> RawDataset:
+    """One raw dataset of the configured family or shards (`domain` and `split` validated by the caller).
+
+    With ``data.target_labels=false`` LoveDA, ISPRS and shard target sets never read masks (synthetic
+    tiles carry theirs; the trainer then uses no target mask).
+    """
+    masks = c.target_labels or not is_target
     if c.dataset == "synthetic":
         sensor = c.synthetic_target_sensor if is_target else "rgb"
         return SyntheticAerial(domain, split, c.synthetic_tiles, c.synthetic_tile_size, c.synthetic_seed, sensor)
-    if c.dataset == "loveda":
-        base, _, shift = str(domain).partition("_")
-        tiles = LoveDA(c.root, split, base)  # type: ignore[arg-type]
-        return SensorShifted(tiles) if shift == "irrg" else tiles
-    ds = ISPRSPatches(c.root, domain, split, c.isprs_ignore_clutter)
-    prepared = ds.meta.get("modality")
+    base, _, shift = str(domain).partition("_")  # LoveDA's *_irrg domains (validated by the caller)
+    tiles: RawDataset
+    meta: dict[str, Any] = {}  # ISPRS: the prepare_isprs arguments
+    where = fix = ""
+    if manifest is not None:
+        from lpcgma.data.shards import ShardDataset
+
+        tiles = ShardDataset(manifest, base, split, classes, masks=masks)
+        meta, where, fix = manifest.meta.get(base, {}), f"'{manifest.location.uri}'", " and pack them"
+    elif c.dataset == "loveda":
+        tiles = LoveDA(c.root, split, base, masks=masks)  # type: ignore[arg-type]
+    else:
+        tiles = ISPRSPatches(c.root, domain, split, c.isprs_ignore_clutter, masks=masks)
+        meta, where = tiles.meta, f"'{tiles.root / FOLDERS[domain]}'"
+    prepared = meta.get("modality")
     if domain == "potsdam" and prepared is not None and prepared != c.isprs_modality:
         raise DataError(
-            f"'{ds.root / FOLDERS[domain]}' holds {prepared} patches but data.isprs_modality="
-            f"{c.isprs_modality}: prepare the {c.isprs_modality} patches (prepare_isprs(..., "
-            f"modality='{c.isprs_modality}')) or change the config"
+            f"{where} holds {prepared} patches but data.isprs_modality={c.isprs_modality}: prepare the "
+            f"{c.isprs_modality} patches (prepare_isprs(..., modality='{c.isprs_modality}')){fix} or change the config"
         )
-    return ds
+    return SensorShifted(tiles) if shift == "irrg" else tiles

@@ -233,6 +233,7 @@ class ISPRSPatches(PngPairs):
     Mask values are 0..5 (impervious surfaces, building, low vegetation, tree, car, clutter) and 255;
     `ignore_clutter` maps clutter to 255 when reading (the 5-class protocol). `meta` holds the
     `prepare_isprs` arguments (modality, patch size, ...) when the prepared folder records them.
+    With ``masks=False`` (an unlabelled target) the masks are never read, nor need to exist: all 255.
     """
 
     def __init__(
@@ -241,6 +242,7 @@ class ISPRSPatches(PngPairs):
         dataset: IsprsDataset = "potsdam",
         split: IsprsSplit = "train",
         ignore_clutter: bool = False,
+        masks: bool = True,
     ) -> None:
         if dataset not in FOLDERS or split not in ("train", "val"):
             raise ValueError(
@@ -248,8 +250,9 @@ class ISPRSPatches(PngPairs):
             )
         self.root, self.dataset, self.split = Path(root), dataset, split
         folder = self.root / FOLDERS[dataset] / split
-        for d in (folder / "images", folder / "masks"):
-            if not d.is_dir():
+        masks_dir = folder / "masks" if masks else None
+        for d in (folder / "images", masks_dir):
+            if d is not None and not d.is_dir():
                 raise DatasetNotFoundError(
                     f"ISPRS {FOLDERS[dataset]} {split} patches not found: expected the folder '{d}'. "
                     f"Download the benchmark from {ISPRS_URL} and run lpcgma.data.isprs.prepare_isprs("
@@ -264,4 +267,4 @@ class ISPRSPatches(PngPairs):
         self.classes = ISPRS_CLASSES_NO_CLUTTER if ignore_clutter else ISPRS_CLASSES
         meta_file = self.root / FOLDERS[dataset] / META_FILE
         self.meta: dict[str, Any] = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
-        super().__init__(folder / "images", folder / "masks", lut, f"ISPRS {FOLDERS[dataset]} {split}")
+        super().__init__(folder / "images", masks_dir, lut, f"ISPRS {FOLDERS[dataset]} {split}")

@@ -116,7 +116,8 @@ class LoveDA(PngPairs):
 
     Samples are ``{"image": uint8 [3,1024,1024], "mask": int64 [H,W], "name": "<id>"}`` in numeric id
     order; mask values are raw − 1 with raw 0 (no-data) → 255. The Test split has no public masks:
-    its masks are all 255 (ignore).
+    its masks are all 255 (ignore). With ``masks=False`` (an unlabelled target) the masks are
+    never read, nor need to exist: they are all 255 too.
     """
 
     classes = LOVEDA_CLASSES
@@ -126,6 +127,7 @@ class LoveDA(PngPairs):
         root: str | Path,
         split: Literal["train", "val", "test"] = "train",
         domain: Literal["rural", "urban"] = "rural",
+        masks: bool = True,
     ) -> None:
         if split not in _SPLIT_DIRS or domain not in _DOMAIN_DIRS:
             raise ValueError(
@@ -135,7 +137,7 @@ class LoveDA(PngPairs):
         folder = self.root / _SPLIT_DIRS[split] / _DOMAIN_DIRS[domain]
         what = f"LoveDA {split}/{domain}"
         images_dir = folder / "images_png"
-        masks_dir = None if split == "test" else folder / "masks_png"
+        masks_dir = None if split == "test" or not masks else folder / "masks_png"
         for d in (images_dir, masks_dir):
             if d is not None and not d.is_dir():
                 raise DatasetNotFoundError(

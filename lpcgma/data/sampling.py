@@ -2,14 +2,15 @@
 
 Class frequency f_c is the share of labelled source pixels of class c; a step first draws a class
 with P(c) ∝ exp((1 − f_c) / T), then a tile uniformly among those where c covers at least
-`min_fraction` of the pixels. The histograms are computed once, in memory.
+`min_fraction` of the pixels. The histograms are computed once, in memory, or read from the dataset
+when it stores them (`StoredHistograms`: Parquet shards), without decoding masks.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sized
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -21,16 +22,37 @@ class MaskDataset(Sized, Protocol):
     def __getitem__(self, index: int) -> dict[str, Any]: ...
 
 
+@runtime_checkable
+class StoredHistograms(Protocol):
+    """A dataset that stores its per-tile class histograms (int64 [N, C]) beside the tiles."""
+
+    def tile_class_histograms(self) -> np.ndarray: ...
+
+
+def tile_histogram(mask: Any, num_classes: int | None = None) -> np.ndarray:
+    """Pixel count per class of one mask, int64 [C] (ignore pixels excluded).
+
+    C is `num_classes` (a larger class id raises ValueError), else one more than the largest id found.
+    """
+    flat = torch.as_tensor(mask).reshape(-1)
+    counts = torch.bincount(flat[flat != IGNORE_INDEX], minlength=num_classes or 0).numpy()
+    if num_classes and len(counts) > num_classes:
+        raise ValueError(f"a mask holds class ids >= num_classes={num_classes}")
+    return counts  # type: ignore[no-any-return]
+
+
 def class_histograms(dataset: MaskDataset, num_classes: int | None = None) -> np.ndarray:
     """Pixel count per tile and class, int64 [N, C] (ignore pixels excluded).
 
-    Without `num_classes`, C is one more than the largest class id found.
+    Without `num_classes`, C is one more than the largest class id found. A `StoredHistograms`
+    dataset answers from its stored histograms; any other is read tile by tile.
     """
-    rows = []
-    for i in range(len(dataset)):
-        mask = torch.as_tensor(dataset[i]["mask"]).reshape(-1)
-        mask = mask[mask != IGNORE_INDEX]
-        rows.append(torch.bincount(mask, minlength=num_classes or 0).numpy())
+    if isinstance(dataset, StoredHistograms):
+        stored = np.asarray(dataset.tile_class_histograms(), dtype=np.int64)
+        present = np.flatnonzero(stored.any(axis=0))
+        rows = list(stored[:, : int(present[-1]) + 1 if len(present) else 0])  # up to the largest id found
+    else:
+        rows = [tile_histogram(dataset[i]["mask"]) for i in range(len(dataset))]
     c = num_classes or max((len(r) for r in rows), default=0)
     if any(len(r) > c for r in rows):
         raise ValueError(f"a mask holds class ids >= num_classes={num_classes}")

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from lpcgma.config import ExperimentConfig, flatten, load_config
-from lpcgma.engine.trainer import Callback, EvalReport, Trainer
+from lpcgma.engine.trainer import Callback, EvalReport, Trainer, TrainResult
 
 ReportFn = Callable[[dict[str, Any], "Path | None"], None]  # (metrics, checkpoint folder or None)
 
@@ -59,6 +59,10 @@ class RayReportCallback(Callback):
     (``ray.tune.report``) when a single-worker trial runs the Trainer inline in the Tune trial.
     Steps that only checkpoint (no evaluation) are not reported, so each report carries the
     objective and Tune's ``training_iteration`` counts evaluations.
+
+    The last evaluation is reported from `on_train_end`, and this callback goes after the others:
+    Tune may stop a trial inside its last report (ASHA at ``max_t``), and by then every other
+    callback has finished the run (MLflow: last metrics, final checkpoint, status FINISHED).
     """
 
     def __init__(
@@ -70,6 +74,7 @@ class RayReportCallback(Callback):
         self.cfg = cfg
         self.report_fn = report_fn
         self.extra = dict(extra or {})
+        self._final: tuple[dict[str, Any], Path | None] | None = None
 
     def is_eval_step(self, step: int) -> bool:
         t = self.cfg.train
@@ -79,7 +84,14 @@ class RayReportCallback(Callback):
         if not self.is_eval_step(report.step):
             return
         metrics: dict[str, Any] = {**self.extra, **report.metrics, "step": report.step}
+        if report.step == self.cfg.train.iters:
+            self._final = (metrics, report.checkpoint)
+            return
         self.report_fn(metrics, report.checkpoint)
+
+    def on_train_end(self, result: TrainResult) -> None:
+        if self._final is not None:
+            self.report_fn(*self._final)
 
 
 def node_info() -> dict[str, str]:
@@ -116,8 +128,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
         device = ray.train.torch.get_device()  # this worker's GPU among those visible on the node
         torch.cuda.set_device(device)
-    callbacks: list[Callback] = [RayReportCallback(cfg, report_to_train, extra=node_info())]
-    callbacks += tracking_callbacks(cfg, config.get("tracking_parent_run_id"), config.get("tracking_tags"))
+    callbacks = tracking_callbacks(cfg, config.get("tracking_parent_run_id"), config.get("tracking_tags"))
+    callbacks.append(RayReportCallback(cfg, report_to_train, extra=node_info()))  # last: see its docstring
     trainer = Trainer(cfg, callbacks, device=device)
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
@@ -185,7 +197,7 @@ def run_inline(
     callbacks: Sequence[Callback] = (),
 ) -> Any:
     """Run the Trainer in this process, reporting each evaluation via `report_fn` (single-worker trials)."""
-    trainer = Trainer(cfg, [RayReportCallback(cfg, report_fn, extra=node_info()), *callbacks])
+    trainer = Trainer(cfg, [*callbacks, RayReportCallback(cfg, report_fn, extra=node_info())])  # report last
     return trainer.fit(resume_from=resume_from)
 
 

@@ -56,6 +56,7 @@ from lpcgma.distributed.search_space import SearchSpace, defaults_point, load_se
 
 DRIVER_RESOURCE = "trial_driver"
 SEARCH_FILE = "lpcgma_search.json"
+DIVERGED_FILE = "non_finite_loss.txt"  # in a trial's run folder: why it diverged (its retries fail at once)
 PARENT_RUN_ENV = "LPCGMA_PARENT_RUN_ID"
 STORAGE_ENV = "LPCGMA_STORAGE"  # default --storage (clusters/lpcgma.env sets it on the cluster)
 # What --smoke-test changes (user overrides still win): a few tiny steps on a small model.
@@ -263,8 +264,8 @@ class SearchSettings:
     workers_per_trial: int = 1  # Ray Train workers per trial (1 = inline, no worker group)
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 0.0
-    objective: str = "target_miou"  # reported metric to optimise
-    mode: str = "max"  # max | min
+    objective: str = "target_miou"  # a criterion of lpcgma.engine.label_free.CRITERIA or a reported metric key
+    mode: str = ""  # max | min; "" = the objective's mode in CRITERIA (max for other metric keys)
     storage: str = "runs/tune"  # local folder or s3://bucket/prefix
     name: str = ""  # experiment name ("" = <method>_<dataset>_<time>)
     resume: bool = False  # restore the search `name` under `storage`
@@ -323,6 +324,7 @@ class TrialSummary:
     checkpoint: str | None
     out_dir: str | None
     is_defaults: bool
+    error: str | None = None  # why a failed trial failed (first line of its exception)
 
 
 @dataclass
@@ -379,7 +381,8 @@ class SearchOutcome:
             delta = float(best.best) - float(dflt.best)  # type: ignore[arg-type]
             lines.append(
                 f"best trial {best.trial_id}: {self.objective} = {best.best:.4f} vs literature defaults "
-                f"(trial {dflt.trial_id}, {dflt.status}): {dflt.best:.4f} ({delta:+.4f})"
+                f"(trial {dflt.trial_id}, {dflt.status}): {dflt.best:.4f} ({delta:+.4f}"
+                + ("; lower is better)" if self.mode == "min" else ")")
             )
         elif best is not None:
             lines.append(f"best trial {best.trial_id}: {self.objective} = {best.best:.4f}")
@@ -387,6 +390,7 @@ class SearchOutcome:
             lines.append(f"best checkpoint: {best.checkpoint or '-'}")
             if best.out_dir:
                 lines.append(f"best trial's run folder: {best.out_dir}")
+        lines += [f"trial {t.trial_id} failed: {t.error}" for t in self.trials if t.status == "error"]
         return "\n".join(lines)
 
 
@@ -449,13 +453,8 @@ def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
     """One Tune trial: the base config + this trial's sampled values, trained inline or by TorchTrainer."""
     import ray.tune
 
-    from lpcgma.distributed.train import (
-        config_from_payload,
-        fit_distributed,
-        report_to_tune,
-        run_inline,
-        tracking_callbacks,
-    )
+    from lpcgma.distributed.train import config_from_payload
+    from lpcgma.engine.trainer import NonFiniteLossError
 
     ctx = ray.tune.get_context()
     trial_id = ctx.get_trial_id()
@@ -467,6 +466,29 @@ def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
     )
     parent = config.get("tracking_parent_run_id") or setup.parent_run_id  # a config entry wins
     tags = _trial_tags(setup.name, trial_id)
+    diverged = out_dir / DIVERGED_FILE
+    if diverged.is_file():  # deterministic: a retry from the last checkpoint would diverge again
+        raise NonFiniteLossError(f"{diverged.read_text().strip()} (an earlier attempt of this trial; not retried)")
+    try:
+        _train_trial(cfg, setup, parent, tags, trial_id)
+    except Exception as e:  # a Train worker group reports its worker's error wrapped in its own
+        text = f"{type(e).__name__}: {e}"
+        if not isinstance(e, NonFiniteLossError) and "NonFiniteLossError" not in text:
+            raise
+        out_dir.mkdir(parents=True, exist_ok=True)
+        line = next((x for x in text.splitlines() if "non-finite loss" in x), text)
+        diverged.write_text(line.split("NonFiniteLossError: ")[-1][:500])
+        raise
+
+
+def _train_trial(
+    cfg: ExperimentConfig, setup: TrialSetup, parent: str | None, tags: dict[str, str], trial_id: str
+) -> None:
+    """Train one trial's config: inline (single worker) or on a TorchTrainer worker group."""
+    import ray.tune
+
+    from lpcgma.distributed.train import fit_distributed, report_to_tune, run_inline, tracking_callbacks
+
     if setup.workers_per_trial == 1:
         callbacks = tracking_callbacks(cfg, parent, tags)
         checkpoint = ray.tune.get_checkpoint()
@@ -521,13 +543,38 @@ def evaluations_per_trial(cfg: ExperimentConfig) -> int:
     return t.iters // t.eval_every + (1 if t.iters % t.eval_every else 0)
 
 
+def resolve_objective(objective: str, mode: str | None = None) -> tuple[str, str]:
+    """(metric key, mode) of ``--objective``/``--mode``: a criterion name (``snd``) or a metric key,
+    the mode from `lpcgma.engine.label_free.CRITERIA` unless `mode` is given (max for unknown keys)."""
+    from lpcgma.engine import label_free
+
+    if mode and mode not in ("max", "min"):
+        raise ConfigError(f"--mode must be max or min, got {mode!r}")
+    try:
+        return label_free.resolve_objective(objective, mode or None)
+    except ValueError as e:
+        raise ConfigError(f"--objective: {e}") from e
+
+
 def resolve_base(settings: SearchSettings) -> ExperimentConfig:
-    """The base config: file + smoke overrides (if any) + user overrides; tracking URI from the env."""
+    """The base config: file + smoke overrides (if any) + user overrides; tracking URI from the env.
+
+    When the objective is a criterion, each trial's checkpoints/best is selected by it too
+    (``train.select_by``), so the checkpoint Tune and MLflow keep is the objective's best. The
+    objective must be reported under this config (e.g. no target_miou without target labels).
+    """
+    from lpcgma.engine.label_free import find_criterion
+    from lpcgma.engine.trainer import check_reported
+
     overrides = list(SMOKE_OVERRIDES if settings.smoke_test else ()) + list(settings.overrides)
     cfg = load_config(resolve_config_path(settings.config), overrides)
     env_uri = os.environ.get("MLFLOW_TRACKING_URI", "")
     if cfg.tracking.enabled and not cfg.tracking.tracking_uri and env_uri:
         cfg = replace(cfg, {"tracking.tracking_uri": env_uri})  # trials on other nodes see it too
+    criterion = find_criterion(settings.objective)
+    if criterion is not None and find_criterion(cfg.train.select_by) != criterion:
+        cfg = replace(cfg, {"train.select_by": criterion.metric})
+    check_reported(cfg, criterion.metric if criterion else settings.objective, "--objective")
     return cfg
 
 
@@ -577,6 +624,7 @@ def run_search(
     (keys, types, bounds), the defaults point and, once connected, the resource plan.
     """
     settings = dataclasses.replace(settings, overrides=list(settings.overrides))  # the caller's stays as is
+    settings.objective, settings.mode = resolve_objective(settings.objective, settings.mode)
     if settings.address is None and (os.environ.get("RAY_ADDRESS") or BOOTSTRAP_CONFIG.expanduser().is_file()):
         settings.address = "auto"  # on a cluster's head (ray up / ray submit): join it, don't start another
     storage = normalise_storage(settings.storage)
@@ -881,8 +929,18 @@ def summarize(
         is_defaults = (
             bool(params) and len(params) == len(defaults) and all(_close(params[k], defaults[k]) for k in defaults)
         )
-        trials.append(TrialSummary(trial_id, status, best, evaluations, params, checkpoint, out_dir, is_defaults))
+        error = _error_line(result.error) if result.error is not None else None
+        trials.append(
+            TrialSummary(trial_id, status, best, evaluations, params, checkpoint, out_dir, is_defaults, error)
+        )
     return SearchOutcome(experiment_path, objective, mode, trials, results)
+
+
+def _error_line(error: BaseException) -> str:
+    """The root cause of a trial's error, one line: Ray wraps the trial's exception in its own."""
+    cause = getattr(error, "cause", None) or error.__cause__ or error
+    text = f"{type(cause).__name__}: {cause}".strip()
+    return text.splitlines()[0][:300] if text else type(error).__name__
 
 
 # =========================================================================== arguments
@@ -909,8 +967,16 @@ def add_search_arguments(
     )
     p.add_argument("--cpus-per-worker", type=float, default=1.0)
     p.add_argument("--gpus-per-worker", type=float, default=0.0)
-    p.add_argument("--objective", default="target_miou", help="reported metric to optimise (default: target_miou)")
-    p.add_argument("--mode", choices=["max", "min"], default="max")
+    p.add_argument(
+        "--objective",
+        default="target_miou",
+        help="what to optimise: a model-selection criterion (target_miou, source_miou, snd, snd_embed, entropy, "
+        "im, agreement, flip_agreement: lpcgma.engine.label_free.CRITERIA, which sets the mode) or any reported "
+        "metric key (default: target_miou)",
+    )
+    p.add_argument(
+        "--mode", choices=["max", "min"], default=None, help="override the objective's mode (default: its own)"
+    )
     p.add_argument(
         "--storage",
         default=os.environ.get(STORAGE_ENV, "runs/tune"),
@@ -949,6 +1015,7 @@ def add_search_arguments(
 def settings_from_args(args: argparse.Namespace, extra_overrides: Sequence[str] = ()) -> SearchSettings:
     """SearchSettings from `add_search_arguments` options (+ positional overrides, if any)."""
     overrides = [*extra_overrides, *args.set_overrides, *getattr(args, "overrides", [])]
+    objective, mode = resolve_objective(args.objective, args.mode)  # e.g. snd → target_snd, max
     return SearchSettings(
         config=args.config,
         search_space=args.search_space,
@@ -957,8 +1024,8 @@ def settings_from_args(args: argparse.Namespace, extra_overrides: Sequence[str] 
         workers_per_trial=args.workers_per_trial,
         cpus_per_worker=args.cpus_per_worker,
         gpus_per_worker=args.gpus_per_worker,
-        objective=args.objective,
-        mode=args.mode,
+        objective=objective,
+        mode=mode,
         storage=args.storage,
         name=args.name,
         resume=args.resume,
@@ -1033,7 +1100,8 @@ def mlflow_closing_lines(info: SearchInfo, summary: Any) -> str:
             f"  best run:    {summary.best_run_id} ({summary.metric} = {summary.best_value:.4f})  "
             f"{run_url(uri, exp_id, summary.best_run_id)}"
         )
-        lines.append(f"  promote it:  lpcgma promote --search {info.name} --metric {summary.metric}")
+        mode = " --mode min" if getattr(summary, "mode", "max") == "min" else ""
+        lines.append(f"  promote it:  lpcgma promote --search {info.name} --metric {summary.metric}{mode}")
     return "\n".join(lines)
 
 
@@ -1111,6 +1179,7 @@ __all__ = [
     "plan_resources",
     "promote_best",
     "resolve_base",
+    "resolve_objective",
     "run_search",
     "run_trial",
     "settings_from_args",

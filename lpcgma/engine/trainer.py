@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from lpcgma import comm
-from lpcgma.config import ExperimentConfig, dump_config
+from lpcgma.config import ConfigError, ExperimentConfig, dump_config
 from lpcgma.data.build import DomainData, build_datasets
 from lpcgma.data.stream import TrainStream
 from lpcgma.data.transforms import EvalTransform, TrainTransform
@@ -37,10 +37,22 @@ from lpcgma.engine.checkpoint import (
     write_checkpoint,
 )
 from lpcgma.engine.evaluate import confusion_matrix, metrics_from_confusion, sliding_window_logits
-from lpcgma.methods import Method, build_method
+from lpcgma.engine.label_free import (
+    CRITERIA,
+    TARGET_LABEL_FREE,
+    Criterion,
+    find_criterion,
+    label_free_metrics,
+    subsample,
+)
+from lpcgma.methods import METHODS, Method, build_method
+from lpcgma.methods.base import pixel_rows
 from lpcgma.models import upsample_logits
 
-SELECTION_METRIC = "target_miou"
+SELECTION_METRIC = "target_miou"  # the default of train.select_by
+# Seed of the fixed evaluation subsamples (label-free target tiles, SND pixels, source tiles): the
+# same whatever train.seed, so that runs and trials on the same data are scored on the same pixels.
+EVAL_SUBSAMPLE_SEED = 0
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -53,7 +65,7 @@ class EvalReport:
 
     step: int
     metrics: dict[str, float]
-    confusion: Tensor | None  # [C, C] on rank 0, None elsewhere
+    confusion: Tensor | None  # target [C, C] on rank 0; None elsewhere and without target labels
     checkpoint: Path | None  # the checkpoint written at this step (rank 0), if any
     is_best: bool
     previews: list[dict[str, Any]] = field(default_factory=list)  # a few tiles: image, mask, pred, name
@@ -68,6 +80,7 @@ class TrainResult:
     best_step: int
     best_checkpoint: Path | None
     last_checkpoint: Path | None
+    selection_metric: str = SELECTION_METRIC  # the metric key `best_metric` is the best value of
 
 
 class Callback:
@@ -93,6 +106,44 @@ def resolve_device(name: str) -> torch.device:
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     torch.manual_seed(seed)
+
+
+def check_reported(cfg: ExperimentConfig, metric: str, what: str) -> None:
+    """Raise ConfigError naming `what` when the evaluations of `cfg` never report `metric`."""
+    t = cfg.train
+    label_free = {CRITERIA[name].metric: name for name in TARGET_LABEL_FREE}
+    problem = ""
+    if metric in label_free:
+        if t.label_free_tiles == 0:
+            problem = "the label-free criteria are off (train.label_free_tiles=0)"
+        elif label_free[metric] == "agreement" and not getattr(METHODS.get(cfg.method.name), "uses_teacher", False):
+            problem = f"method.name={cfg.method.name} has no EMA teacher to agree with"
+    elif metric.startswith("source_") and t.source_eval_tiles == 0:
+        problem = "source evaluation is off (train.source_eval_tiles=0)"
+    elif metric.startswith("target_") and not cfg.data.target_labels:
+        usable = ", ".join(n for n in CRITERIA if n != "target_miou")
+        problem = f"data.target_labels=false leaves no target labels; expected a label-free criterion: {usable}"
+    if problem:
+        raise ConfigError(f"{what} = {metric!r} is never reported: {problem}")
+
+
+def selection_criterion(cfg: ExperimentConfig) -> Criterion:
+    """The criterion ``train.select_by`` names (checked to be reported under `cfg`)."""
+    found = find_criterion(cfg.train.select_by)
+    if found is None:
+        raise ConfigError(
+            f"config key 'train.select_by' = {cfg.train.select_by!r} is invalid: expected one of "
+            f"{list(CRITERIA)} or their metric keys {[c.metric for c in CRITERIA.values()]}"
+        )
+    check_reported(cfg, found.metric, "config key 'train.select_by'")
+    return found
+
+
+def _centre_crop(image: Tensor, size: int) -> Tensor:
+    """The central (at most) size × size window of an image [C, H, W]."""
+    h, w = image.shape[-2:]
+    top, left = max(0, (h - size) // 2), max(0, (w - size) // 2)
+    return image[..., top : top + size, left : left + size]
 
 
 def poly_lr_factor(step: int, total: int, warmup: int, power: float) -> float:
@@ -123,13 +174,14 @@ class Trainer:
         self.data = data or build_datasets(cfg.data)
         self.class_names = list(self.data.classes.names)
         self.method: Method = build_method(cfg, self.class_names).to(self.device)
+        self.selection = selection_criterion(cfg)
         self.optimizer = self._build_optimizer()
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer,
             lambda s: poly_lr_factor(s, cfg.train.iters, cfg.optim.warmup_iters, cfg.optim.poly_power),
         )
         self.step = 0
-        self.best_metric = -math.inf
+        self.best_metric = -math.inf if self.selection.mode == "max" else math.inf
         self.best_step = -1
         self.eval_transform = EvalTransform(self.data.mean, self.data.std)
         self.use_amp = cfg.train.amp and self.device.type == "cuda"
@@ -261,26 +313,86 @@ class Trainer:
             return upsample_logits(self.method.student(images)["logits"], (images.shape[-2], images.shape[-1]))
 
     @torch.no_grad()
-    def evaluate(self, num_previews: int = 0) -> tuple[dict[str, float], Tensor, list[dict[str, Any]]]:
-        """Target metrics over whole tiles by sliding window, plus a few prediction previews."""
+    def evaluate(self, num_previews: int = 0) -> tuple[dict[str, float], Tensor | None, list[dict[str, Any]]]:
+        """Every evaluation metric, the target confusion matrix and a few target prediction previews.
+
+        Target metrics (``target_miou``, …) over whole tiles when the target has labels (else no
+        confusion matrix and no previews), ``source_miou`` on `train.source_eval_tiles` source
+        validation tiles, the label-free criteria (`label_free_metrics`) and the method's diagnostics.
+        """
         self.method.eval()
+        t = self.cfg.train
+        metrics: dict[str, float] = {}
+        cm: Tensor | None = None
+        previews: list[dict[str, Any]] = []
+        if self.cfg.data.target_labels:
+            everything = range(len(self.data.target_eval))  # type: ignore[arg-type]
+            metrics, cm, previews = self._evaluate_tiles(self.data.target_eval, everything, "target_", num_previews)
+        if t.source_eval_tiles:
+            tiles = subsample(len(self.data.source_eval), t.source_eval_tiles, EVAL_SUBSAMPLE_SEED)  # type: ignore[arg-type]
+            metrics.update(self._evaluate_tiles(self.data.source_eval, tiles.tolist(), "source_")[0])
+        if t.label_free_tiles:
+            metrics.update(self.label_free_metrics())
+        metrics.update(self.method.diagnostics())
+        return metrics, cm, previews
+
+    def _evaluate_tiles(
+        self, dataset: Any, indices: Sequence[int], prefix: str, num_previews: int = 0
+    ) -> tuple[dict[str, float], Tensor, list[dict[str, Any]]]:
+        """Metrics (keys `prefix`…) over whole labelled tiles by sliding window, and previews of the first few."""
         t = self.cfg.train
         c = len(self.class_names)
         cm = torch.zeros((c, c), dtype=torch.long)
         previews: list[dict[str, Any]] = []
-        for i in range(len(self.data.target_eval)):  # type: ignore[arg-type]
-            raw = self.data.target_eval[i]
+        for n, i in enumerate(indices):
+            raw = dataset[i]
             sample = self.eval_transform(raw)
             logits = sliding_window_logits(
                 self.predict, sample["image"].to(self.device), c, t.eval_window, t.eval_stride
             )
             pred = logits.argmax(0).cpu()
             cm += confusion_matrix(pred, sample["mask"], c)
-            if i < num_previews:
+            if n < num_previews:
                 previews.append({"name": raw["name"], "image": raw["image"], "mask": raw["mask"], "pred": pred})
-        metrics = metrics_from_confusion(cm, self.class_names, prefix="target_")
-        metrics.update(self.method.diagnostics())
-        return metrics, cm, previews
+        return metrics_from_confusion(cm, self.class_names, prefix=prefix), cm, previews
+
+    @torch.no_grad()
+    def label_free_metrics(self) -> dict[str, float]:
+        """The criteria of `label_free.TARGET_LABEL_FREE` on unlabelled target tiles; no mask is used.
+
+        `train.label_free_tiles` target_train tiles (a fixed subsample: the same in every run on the
+        same data) are centre-cropped to `train.eval_window`; the student predicts each crop and its
+        horizontal flip, the EMA teacher (if any) the crop: up to three forward passes per tile, at the
+        network's output resolution. SND uses `train.snd_pixels` of those pixels (fixed subsample).
+        """
+        self.method.eval()
+        t = self.cfg.train
+        teacher = self.method.teacher
+        tiles = subsample(len(self.data.target_train), t.label_free_tiles, EVAL_SUBSAMPLE_SEED)  # type: ignore[arg-type]
+        probs: list[Tensor] = []
+        embeds: list[Tensor] = []
+        flipped: list[Tensor] = []
+        taught: list[Tensor] = []
+        for i in tiles.tolist():
+            image = self.eval_transform(self.data.target_train[i])["image"]
+            x = _centre_crop(image, t.eval_window)[None].to(self.device)
+            with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.use_amp):
+                out = self.method.student(x)
+                flip_logits = self.method.student(x.flip(-1))["logits"].flip(-1)
+                teacher_logits = teacher(x)["logits"] if teacher is not None else None
+            probs.append(pixel_rows(out["logits"].float().softmax(1)))
+            embeds.append(pixel_rows(out["embed"].float()))
+            flipped.append(pixel_rows(flip_logits.float().softmax(1)))
+            if teacher_logits is not None:
+                taught.append(pixel_rows(teacher_logits.float().softmax(1)))
+        return label_free_metrics(
+            torch.cat(probs),
+            torch.cat(embeds),
+            teacher_probs=torch.cat(taught) if taught else None,
+            flip_probs=torch.cat(flipped),
+            snd_pixels=t.snd_pixels,
+            seed=EVAL_SUBSAMPLE_SEED,
+        )
 
     # ------------------------------------------------------------------------------------- loop
     def fit(self, resume_from: str | Path | None = None) -> TrainResult:
@@ -340,6 +452,7 @@ class Trainer:
             best_step=self.best_step,
             best_checkpoint=(self.ckpt_root / "best") if (self.ckpt_root / "best").exists() else None,
             last_checkpoint=last_ckpt,
+            selection_metric=self.selection.metric,
         )
 
     def _eval_and_checkpoint(self, done: bool) -> tuple[dict[str, float], Path | None]:
@@ -352,10 +465,11 @@ class Trainer:
         is_best = False
         if do_eval and self.is_main:
             metrics, confusion, previews = self.evaluate(self.cfg.tracking.log_overlays)
-            score = metrics.get(SELECTION_METRIC, -math.inf)
-            if score > self.best_metric:
+            metric, mode = self.selection
+            score = metrics.get(metric, math.nan)
+            if (score > self.best_metric) if mode == "max" else (score < self.best_metric):  # NaN never does
                 self.best_metric, self.best_step, is_best = score, self.step, True
-            metrics["best_" + SELECTION_METRIC] = self.best_metric
+            metrics["best_" + metric] = self.best_metric
             self._write_jsonl({"step": self.step, **metrics})
         ckpt = self.save_checkpoint(is_best) if do_ckpt and self.is_main else None
         comm.barrier()

@@ -192,7 +192,7 @@ class MLflowCallback(Callback):
         previous = read_run_file(self.out_dir)
         if (
             continue_id is None
-            and trainer.step > 0
+            and (trainer.step > 0 or self.parent_run_id is not None)  # a trial's folder is that trial's
             and previous is not None
             and previous.get("tracking_uri") == self.tracking_uri
             and previous.get("parent_run_id") == self.parent_run_id
@@ -263,7 +263,7 @@ class MLflowCallback(Callback):
             self._log_checkpoint(Path(result.last_checkpoint), "checkpoints/final")
         summary = {"final_step": float(result.step)}
         if result.best_step >= 0:
-            summary["best_target_miou"] = float(result.best_metric)
+            summary[f"best_{result.selection_metric}"] = float(result.best_metric)
         self.logger.log_metrics(summary, result.step)
         self._end("FINISHED")
 

@@ -43,6 +43,16 @@ def write_loveda_split(
     return out
 
 
+def write_loveda_tree(
+    root: Path, splits: tuple[str, ...] = ("Train", "Val", "Test"), ids: tuple[int, ...] = (0, 1), size: int = 16
+) -> Path:
+    """The official LoveDA layout under `root` with `ids` tiles per split and domain (Test without masks)."""
+    for s, split in enumerate(splits):
+        for d, domain in enumerate(("Rural", "Urban")):
+            write_loveda_split(root, split, domain, ids, size, seed=2 * s + d, masks=split != "Test")
+    return root
+
+
 def eroded(classes: np.ndarray) -> np.ndarray:
     """True where a pixel has a 4-neighbour of another class (the boundary the noBoundary labels blank)."""
     edge = np.zeros(classes.shape, dtype=bool)

@@ -79,6 +79,6 @@ def test_isprs(tmp_path):
         build_datasets(DataConfig(**{**cfg.__dict__, "target_eval_split": "test"}))
 
 
-def test_shards_not_implemented():
-    with pytest.raises(NotImplementedError, match="issue 9"):
-        build_datasets(DataConfig(dataset="shards", root="s3://bucket/x"))
+def test_shards_need_a_packed_location(tmp_path):  # round trips: test_shards.py
+    with pytest.raises(DatasetNotFoundError, match="lpcgma data pack"):
+        build_datasets(DataConfig(dataset="shards", root=str(tmp_path)))

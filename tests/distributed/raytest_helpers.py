@@ -81,3 +81,41 @@ def run_cli(args: list[str], env: dict[str, str], cwd: Path, timeout: float) -> 
         out, _ = proc.communicate()
         raise AssertionError(f"{args} timed out after {timeout} s:\n{out[-6000:]}") from None
     return subprocess.CompletedProcess(args, proc.returncode, out, "")
+
+
+def start_ray_head(ray_tmp: Path, env: dict[str, str], *extra: str) -> str:
+    """`ray start --head` (one CPU, dashboard on 127.0.0.1, free ports) in `ray_tmp`; its address."""
+    import re
+
+    head = run_cli(
+        [
+            str(VENV_BIN / "ray"),
+            "start",
+            "--head",
+            f"--port={free_port()}",
+            "--num-cpus=1",
+            *extra,
+            f"--temp-dir={ray_tmp / 'ray'}",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={free_port()}",
+            "--disable-usage-stats",
+        ],
+        env,
+        ray_tmp,
+        timeout=120,
+    )
+    assert head.returncode == 0, head.stdout[-3000:]
+    found = re.search(r"--address='?([\w.-]+:\d+)", head.stdout)
+    assert found, head.stdout[-3000:]
+    return found.group(1)
+
+
+def join_ray_node(address: str, env: dict[str, str], cwd: Path, *extra: str) -> None:
+    """`ray start --address` one more one-CPU node on this machine."""
+    r = run_cli(
+        [str(VENV_BIN / "ray"), "start", f"--address={address}", "--num-cpus=1", *extra, "--disable-usage-stats"],
+        env,
+        cwd,
+        timeout=120,
+    )
+    assert r.returncode == 0, r.stdout[-3000:]

@@ -7,53 +7,19 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from pathlib import Path
 
 import pytest
-from raytest_helpers import REPO, VENV_BIN, free_port, pids_using, run_cli, stop_pids
+from raytest_helpers import REPO, VENV_BIN, join_ray_node, pids_using, run_cli, start_ray_head, stop_pids
 
 pytestmark = pytest.mark.slow
 
 
 def test_smoke_search_spreads_over_two_nodes(ray_tmp: Path) -> None:
     env = dict(os.environ)
-    ray = str(VENV_BIN / "ray")
-    port = free_port()
-    head = run_cli(
-        [
-            ray,
-            "start",
-            "--head",
-            f"--port={port}",
-            "--num-cpus=1",
-            '--resources={"trial_driver": 2}',
-            f"--temp-dir={ray_tmp / 'ray'}",
-            "--dashboard-host=127.0.0.1",
-            f"--dashboard-port={free_port()}",
-            "--disable-usage-stats",
-        ],
-        env,
-        ray_tmp,
-        timeout=120,
-    )
     try:
-        assert head.returncode == 0, head.stdout[-3000:]
-        address = re.search(r"--address='?([\w.-]+:\d+)", head.stdout).group(1)  # type: ignore[union-attr]
-        worker = run_cli(
-            [
-                ray,
-                "start",
-                f"--address={address}",
-                "--num-cpus=1",
-                '--resources={"node_b": 1}',
-                "--disable-usage-stats",
-            ],
-            env,
-            ray_tmp,
-            timeout=120,
-        )
-        assert worker.returncode == 0, worker.stdout[-3000:]
+        address = start_ray_head(ray_tmp, env, '--resources={"trial_driver": 2}')
+        join_ray_node(address, env, ray_tmp, '--resources={"node_b": 1}')
         r = run_cli(
             [
                 str(VENV_BIN / "python"),

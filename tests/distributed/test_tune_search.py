@@ -4,10 +4,12 @@ trial, and the MLflow hooks (parent run + child runs)."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 
+from lpcgma.data.synthetic import write_synthetic_loveda
 from lpcgma.distributed.tune import SearchSettings, mlflow_hooks, run_search
 
 pytestmark = pytest.mark.slow
@@ -74,3 +76,21 @@ def test_search_with_mlflow_parent_and_child_runs(ray_tmp: Path, monkeypatch: py
     assert len(children) == 2
     assert {r.data.tags.get("search") for r in children} == {"tracked"}
     assert all(r.info.status in ("FINISHED", "KILLED") for r in children)
+
+
+def test_label_free_search_on_a_target_without_masks(ray_tmp: Path) -> None:
+    root = write_synthetic_loveda(ray_tmp / "loveda", num_tiles=3, tile_size=64)
+    for split in ("Train", "Val"):
+        shutil.rmtree(root / split / "Urban" / "masks_png")  # the target has no labels at all
+    data = ["data.dataset=loveda", f"data.root={root}", "data.target_labels=false", "train.label_free_tiles=2"]
+    settings = smoke(
+        ray_tmp, num_samples=2, name="label_free", objective="snd", overrides=["tracking.enabled=false", *data]
+    )
+    outcome = run_search(settings)
+    assert outcome.complete and (outcome.objective, outcome.mode) == ("target_snd", "max")
+    assert all(t.status != "error" and t.best is not None for t in outcome.trials)
+    for t in outcome.trials:
+        rows = [json.loads(x) for x in (Path(t.out_dir).parent / "result.json").read_text().splitlines()]  # type: ignore[arg-type]
+        assert all("target_snd" in r and "source_miou" in r and "target_miou" not in r for r in rows)
+        assert t.checkpoint and (Path(t.checkpoint) / "state.pt").is_file()
+        assert (Path(t.out_dir) / "checkpoints" / "best" / "state.pt").is_file()  # type: ignore[arg-type]

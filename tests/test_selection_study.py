@@ -1,0 +1,75 @@
+"""experiments/selection_study.py: rank correlations and picks of the criteria over constructed trial results."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("selection_study", REPO / "experiments" / "selection_study.py")
+assert _spec is not None and _spec.loader is not None
+study = sys.modules["selection_study"] = importlib.util.module_from_spec(_spec)  # dataclasses look it up
+_spec.loader.exec_module(study)
+
+
+def _points() -> list:  # type: ignore[type-arg]
+    miou = [0.10, 0.20, 0.30, 0.40, 0.50]
+    rows = []
+    for i, m in enumerate(miou):
+        metrics = {
+            "target_miou": m,
+            "target_entropy": 1.0 - 2 * m,  # min mode, falls as mIoU rises: a perfect criterion
+            "target_snd": 5.0 - 10 * m,  # max mode, falls as mIoU rises: perfectly wrong
+            "target_agreement": 0.9,  # constant: no ranking
+            "target_flip_agreement": [0.5, 0.7, 0.6, 0.9, 0.8][i],
+        }
+        if i != 4:
+            metrics["source_miou"] = [0.3, 0.1, 0.2, 0.4, 0.0][i]  # the best trial does not report it
+        rows.append(study.TrialPoint(f"t{i}", 96, metrics))
+    return rows
+
+
+def test_analysis_ranks_and_picks_by_each_criterions_mode() -> None:
+    results = {r.name: r for r in study.analyse(_points())}
+    assert "target_miou" not in results  # the truth is not a candidate
+    entropy, snd = results["entropy"], results["snd"]
+    assert (entropy.spearman, entropy.kendall) == pytest.approx((1.0, 1.0))
+    assert entropy.picked == "t4" and entropy.regret == pytest.approx(0.0)
+    assert (snd.spearman, snd.kendall) == pytest.approx((-1.0, -1.0))
+    assert snd.picked == "t0" and snd.regret == pytest.approx(0.4)
+    flip = results["flip_agreement"]
+    assert flip.spearman == pytest.approx(0.8) and flip.kendall == pytest.approx(0.6)
+    assert flip.picked == "t3" and flip.regret == pytest.approx(0.1)
+    assert math.isnan(results["agreement"].spearman) and results["agreement"].trials == 5
+    source = results["source_miou"]  # scored over the 4 trials that report it
+    assert source.trials == 4 and source.picked == "t3" and source.regret == pytest.approx(0.1)  # vs the best of all
+    assert source.spearman == pytest.approx(0.4)
+    im = results["im"]  # reported by no trial
+    assert im.trials == 0 and im.picked is None and math.isnan(im.spearman)
+
+
+def test_study_reads_a_tune_experiment_and_writes_table_and_plot(tmp_path: Path) -> None:
+    exp = tmp_path / "search"
+    for p in _points():
+        folder = exp / f"lpcgma_trial_{p.trial_id}"
+        folder.mkdir(parents=True)
+        first = {**p.metrics, "target_miou": 0.0, "step": 48, "training_iteration": 1, "trial_id": p.trial_id}
+        last = {**p.metrics, "step": p.step, "training_iteration": 2, "trial_id": p.trial_id, "done": False}
+        (folder / "result.json").write_text(json.dumps(first) + "\n" + json.dumps(last) + "\n")
+    (exp / "searcher-state").mkdir()  # not a trial
+    points = study.read_trials(exp)
+    assert [p.trial_id for p in points] == [f"t{i}" for i in range(5)]
+    assert all(p.step == 96 for p in points) and points[4].metrics["target_miou"] == 0.5
+    table, figure = study.write_study(exp, tmp_path / "out")
+    text = table.read_text()
+    assert "| criterion | metric | mode | trials | Spearman ρ |" in text
+    assert text.index("| entropy |") < text.index("| snd |")  # best-correlated first
+    assert "| entropy | target_entropy | min | 5 | 1.000 | 1.000 | t4 | 0.500 | 0.000 |" in text
+    assert figure.stat().st_size > 1000
+    with pytest.raises(FileNotFoundError, match="no trial results"):
+        study.read_trials(tmp_path / "empty")
