@@ -158,6 +158,7 @@ class LPCGMAConfig(SelfTrainingConfig):
     gmm_refit_every: int = 500  # EM refit interval
     gmm_em_iters: int = 10  # EM iterations per refit
     gmm_memory_per_class: int = 4096  # source embeddings remembered per class
+    gmm_push_per_class: int = 256  # at most this many new source embeddings per class per step (random subsample)
     gmm_var_floor: float = 1e-4  # ε: diagonal variance floor
 
 
@@ -262,6 +263,8 @@ class ExperimentConfig:
             _check(m.max_anchors >= 2, "method.max_anchors", m.max_anchors, ">= 2")
             _check(m.gmm_refit_every >= 1, "method.gmm_refit_every", m.gmm_refit_every, ">= 1")
             _check(m.gmm_var_floor > 0, "method.gmm_var_floor", m.gmm_var_floor, "> 0")
+            for key in ("gmm_memory_per_class", "gmm_push_per_class", "gmm_em_iters"):
+                _check(getattr(m, key) >= 1, f"method.{key}", getattr(m, key), ">= 1")
         return self
 
 

@@ -75,6 +75,8 @@ def test_bad_values_name_the_key(override: str, match: str) -> None:
 
 
 def test_temperature_and_k_bounds() -> None:
+    with pytest.raises(ConfigError, match="method.gmm_push_per_class.*>= 1"):
+        load_config(None, ["method.name=lpcgma", "method.gmm_push_per_class=0"])
     with pytest.raises(ConfigError, match="method.tau_pmc"):
         load_config(None, ["method.name=lpcgma", "method.tau_pmc=0"])
     with pytest.raises(ConfigError, match="method.gaussians_per_class"):

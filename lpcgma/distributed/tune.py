@@ -1123,6 +1123,13 @@ def promote_best(
     return True
 
 
+def is_shards_root(root: str) -> bool:
+    """Whether `root` holds `lpcgma data pack` shards: any s3:// URI, or a folder with their manifest."""
+    from lpcgma.data.shards import MANIFEST_FILE
+
+    return root.startswith("s3://") or (Path(root) / MANIFEST_FILE).is_file()
+
+
 def experiment_main(
     argv: Sequence[str] | None,
     description: str | None,
@@ -1152,6 +1159,8 @@ def experiment_main(
     extra = [*extra_overrides, *(() if args.smoke_test else smoke_free_overrides)]
     if getattr(args, "data_root", None):
         extra.append(f"data.root={args.data_root}")
+        if is_shards_root(args.data_root):  # packed by `lpcgma data pack`: stream the shards
+            extra.append("data.dataset=shards")
     settings = settings_from_args(args, extra_overrides=extra)
     outcome = run_search(settings, *mlflow_hooks())
     if args.promote and outcome.complete:

@@ -41,7 +41,12 @@ class LPCGMA(SelfTraining):
         m = self.lcfg
         self.register_buffer("class_freq", torch.zeros(num_classes))
         self.prototypes = GaussianPrototypes(
-            num_classes, cfg.model.proj_dim, m.gaussians_per_class, m.gmm_memory_per_class, m.gmm_var_floor
+            num_classes,
+            cfg.model.proj_dim,
+            m.gaussians_per_class,
+            m.gmm_memory_per_class,
+            m.gmm_var_floor,
+            push_per_class=m.gmm_push_per_class,
         )
         self._last: dict[str, Tensor] = {}  # features of the latest step, for reverse update & diagnostics
 

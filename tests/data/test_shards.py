@@ -349,3 +349,13 @@ def test_trainer_trains_from_shards_and_folders_with_the_same_samples(tmp_path: 
 
 def _take(it: Iterator[dict[str, torch.Tensor]], n: int) -> list[dict[str, torch.Tensor]]:
     return [next(it) for _ in range(n)]
+
+
+def test_experiment_scripts_recognise_a_shards_root(tmp_path: Path) -> None:
+    from lpcgma.data.shards import MANIFEST_FILE
+    from lpcgma.distributed.tune import is_shards_root
+
+    assert is_shards_root("s3://bucket/loveda-shards")
+    assert not is_shards_root(str(tmp_path))  # a dataset folder: the folder loaders
+    (tmp_path / MANIFEST_FILE).write_text("{}")
+    assert is_shards_root(str(tmp_path))
