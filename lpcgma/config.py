@@ -171,6 +171,13 @@ class SDCAConfig(MethodConfig):
     lambda_feat: float = 1.0  # weight of the feature-level term (source + target)
     lambda_logit: float = 1.0  # weight of the logit-level term (source + target)
     sdca_init_batches: int = 0  # source batches of the initial statistics pass (0 = one epoch of tiles)
+    # optional final self-training round on offline pseudo-labels (the paper's last stage): at step
+    # train.iters - final_st_iters the model labels every target_train tile once (whole tiles, sliding
+    # window), class c keeping pixels with confidence ≥ min(median confidence of c, cap); the remaining
+    # steps train on source CE + CE on those fixed labels (no SDCA terms)
+    final_st_iters: int = 0  # steps of the round at the end of train.iters (0 = off)
+    final_st_threshold_cap: float = 0.9  # cap of the per-class median-confidence threshold (released code)
+    final_st_source_weight: float = 1.0  # source CE weight in the round (0 = target only, as the released code)
 
 
 @dataclass(frozen=True)
@@ -256,6 +263,14 @@ class ExperimentConfig:
                 _check(0 <= value <= 1, f"method.{f.name}", value, "in [0, 1]")
             if f.name.startswith("lambda_"):
                 _check(value >= 0, f"method.{f.name}", value, ">= 0")
+        if isinstance(m, SDCAConfig):
+            _check(
+                0 <= m.final_st_iters < self.train.iters,
+                "method.final_st_iters",
+                m.final_st_iters,
+                f"in [0, train.iters) = [0, {self.train.iters}) (0 = no final self-training round)",
+            )
+            _check(m.final_st_source_weight >= 0, "method.final_st_source_weight", m.final_st_source_weight, ">= 0")
         if isinstance(m, LPCGMAConfig):
             _check(m.gaussians_per_class >= 1, "method.gaussians_per_class", m.gaussians_per_class, ">= 1")
             _check(0 < m.base_rate <= 1, "method.base_rate", m.base_rate, "in (0, 1]")
@@ -284,7 +299,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         return value
     if origin is tuple:
         if isinstance(value, str):
-            value = yaml.safe_load(value)
+            try:
+                value = yaml.safe_load(value)
+            except yaml.YAMLError as e:
+                raise ConfigError(f"config key '{key}' = {value!r} is invalid: expected a list ({e})") from e
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"config key '{key}' = {value!r} is invalid: expected a list")
         args = get_args(tp)
@@ -333,7 +351,7 @@ def _build(cls: type, values: Mapping[str, Any], prefix: str) -> Any:
         raise ConfigError(f"config section '{prefix.rstrip('.') or '<root>'}' must be a mapping, got {values!r}")
     hints = get_type_hints(cls)
     known = {f.name for f in fields(cls)}
-    unknown = sorted(set(values) - known)
+    unknown = sorted(str(k) for k in set(values) - known)
     if unknown:
         raise ConfigError(
             f"unknown config key '{prefix}{unknown[0]}'; valid keys here: "
@@ -356,7 +374,7 @@ def _build_method(values: Any, prefix: str) -> MethodConfig:
     if not isinstance(values, Mapping):
         raise ConfigError(f"config section 'method' must be a mapping, got {values!r}")
     name = values.get("name", "source_only")
-    if name not in METHOD_CONFIGS:
+    if not isinstance(name, str) or name not in METHOD_CONFIGS:
         raise ConfigError(f"config key 'method.name' = {name!r} is invalid: expected one of {sorted(METHOD_CONFIGS)}")
     return _build(METHOD_CONFIGS[name], values, prefix)  # type: ignore[no-any-return]
 

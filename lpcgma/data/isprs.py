@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any, Literal
 
@@ -119,6 +121,8 @@ def read_tif(path: Path) -> np.ndarray:
             arr = np.asarray(tifffile.imread(path))
         except Exception as e:
             raise DataError(f"cannot read TIFF '{path}' (corrupt or unsupported): {e}") from e
+        if arr.size == 0:  # tifffile reads a damaged header as no pages at all
+            raise DataError(f"cannot read TIFF '{path}' (corrupt or unsupported): no image data") from pil_error
     if arr.ndim == 3 and arr.shape[0] in (3, 4) and arr.shape[-1] not in (3, 4):
         arr = arr.transpose(1, 2, 0)  # planar (C, H, W) → (H, W, C)
     if arr.dtype != np.uint8:
@@ -164,7 +168,10 @@ def prepare_isprs(
 
     `erode` reads the ``*_noBoundary`` labels (boundary pixels → 255); `ignore_clutter` maps clutter
     to 255. Tiles smaller than a patch are padded (image 0, mask 255). Every tile file is located
-    before anything is written; a missing one raises DatasetNotFoundError naming it.
+    before anything is written; a missing one raises DatasetNotFoundError naming it. Patches are cut
+    into a staging folder beside the splits and moved into place only once every tile was read, and
+    ``prepare.json`` is written last: an unreadable tile (DataError naming it) leaves a previous
+    preparation as it was.
     """
     if dataset not in TILES:
         raise ValueError(f"dataset={dataset!r}: expected one of {sorted(TILES)}")
@@ -181,30 +188,45 @@ def prepare_isprs(
         )
     files = _find_tile_files(src_dir, dataset, modality, erode)
     counts: dict[str, int] = {}
-    for split, tiles in files.items():
-        images_dir, masks_dir = root / split / "images", root / split / "masks"
-        for d in (images_dir, masks_dir):
-            d.mkdir(parents=True, exist_ok=True)
-            for stale in d.glob("*.png"):
-                stale.unlink()
-        counts[split] = 0
-        for tile, (image_path, label_path) in tiles.items():
-            image = read_tif(image_path)
-            if image.ndim != 3 or image.shape[-1] < 3:
-                raise DataError(f"image '{image_path}' has shape {image.shape}: expected 3 bands")
-            mask = decode_isprs_label(read_tif(label_path), label_path)
-            if mask.shape != image.shape[:2]:
-                raise DataError(
-                    f"label '{label_path}' is {mask.shape} but image '{image_path}' is {image.shape[:2]}"
+    created = not root.exists()
+    root.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".prepare-", dir=root))  # same filesystem: renames are atomic
+    try:
+        for split, tiles in files.items():
+            images_dir, masks_dir = staging / split / "images", staging / split / "masks"
+            for d in (images_dir, masks_dir):
+                d.mkdir(parents=True)
+            counts[split] = 0
+            for tile, (image_path, label_path) in tiles.items():
+                image = read_tif(image_path)
+                if image.ndim != 3 or image.shape[-1] < 3:
+                    raise DataError(f"image '{image_path}' has shape {image.shape}: expected 3 bands")
+                mask = decode_isprs_label(read_tif(label_path), label_path)
+                if mask.shape != image.shape[:2]:
+                    raise DataError(
+                        f"label '{label_path}' is {mask.shape} but image '{image_path}' is {image.shape[:2]}"
+                    )
+                if ignore_clutter:
+                    mask[mask == CLUTTER] = IGNORE_INDEX
+                counts[split] += _write_patches(
+                    image[..., :3], mask, tile, images_dir, masks_dir, patch_size, stride
                 )
-            if ignore_clutter:
-                mask[mask == CLUTTER] = IGNORE_INDEX
-            counts[split] += _write_patches(
-                image[..., :3], mask, tile, images_dir, masks_dir, patch_size, stride
-            )
-    meta = {"dataset": dataset, "modality": modality, "patch_size": patch_size, "stride": stride,
-            "ignore_clutter": ignore_clutter, "erode": erode}  # fmt: skip
-    (root / META_FILE).write_text(json.dumps(meta, indent=2))
+        # every tile was read: swap the new patch folders in (the old ones go to staging, deleted below)
+        (root / META_FILE).unlink(missing_ok=True)
+        for split in files:
+            for kind in ("images", "masks"):
+                target = root / split / kind
+                target.parent.mkdir(parents=True, exist_ok=True)
+                if target.exists():
+                    target.rename(staging / f"old-{split}-{kind}")
+                (staging / split / kind).rename(target)
+        meta = {"dataset": dataset, "modality": modality, "patch_size": patch_size, "stride": stride,
+                "ignore_clutter": ignore_clutter, "erode": erode}  # fmt: skip
+        (root / META_FILE).write_text(json.dumps(meta, indent=2))
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+        if created and not any(root.iterdir()):
+            root.rmdir()  # a failed first preparation leaves no dataset folder behind
     return counts
 
 

@@ -65,7 +65,11 @@ def write_checkpoint(directory: str | Path, state: dict[str, Any], config_yaml: 
             old = target.with_name(f".{target.name}.old")
             shutil.rmtree(old, ignore_errors=True)
             target.rename(old)
-            tmp.rename(target)
+            try:
+                tmp.rename(target)
+            except OSError:
+                old.rename(target)  # the previous checkpoint goes back in place
+                raise
             shutil.rmtree(old, ignore_errors=True)
         else:
             tmp.rename(target)

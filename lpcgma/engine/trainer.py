@@ -14,10 +14,10 @@ import math
 import random
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
@@ -139,6 +139,36 @@ def selection_criterion(cfg: ExperimentConfig) -> Criterion:
     return found
 
 
+@runtime_checkable
+class OfflineTargetLabelling(Protocol):
+    """A method whose last steps train on fixed target labels it makes once (SDCA's final
+    self-training round). From step `offline_labels_from()` on, the trainer has the network of
+    `begin_offline_labelling()` predict this rank's target_train tiles whole (sliding window, as
+    evaluation does), turns the probabilities into label maps with `make_offline_labels` and serves
+    those as the target tiles' masks: the stream crops, rescales and flips them with the images."""
+
+    def offline_labels_from(self) -> int | None: ...  # first step on the offline labels (None: never)
+
+    def begin_offline_labelling(self) -> torch.nn.Module: ...  # the labelling network, in eval mode
+
+    def make_offline_labels(self, tiles: Iterable[tuple[int, Tensor]]) -> dict[int, Tensor]: ...
+
+
+class _OfflineMasks(torch.utils.data.Dataset[dict[str, Any]]):
+    """`dataset` whose masks are `masks[tile]` once `masks` is filled (a tile missing then is an error:
+    never the tile's own mask); the dataset as it is while `masks` is empty."""
+
+    def __init__(self, dataset: Any, masks: Mapping[int, Tensor]) -> None:
+        self.dataset, self.masks = dataset, masks
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        sample = self.dataset[index]
+        return {**sample, "mask": self.masks[index]} if self.masks else sample  # type: ignore[no-any-return]
+
+
 def _centre_crop(image: Tensor, size: int) -> Tensor:
     """The central (at most) size × size window of an image [C, H, W]."""
     h, w = image.shape[-2:]
@@ -181,6 +211,7 @@ class Trainer:
             lambda s: poly_lr_factor(s, cfg.train.iters, cfg.optim.warmup_iters, cfg.optim.poly_power),
         )
         self.step = 0
+        self._offline_masks: dict[int, Tensor] = {}  # OfflineTargetLabelling: this rank's target labels
         self.best_metric = -math.inf if self.selection.mode == "max" else math.inf
         self.best_step = -1
         self.eval_transform = EvalTransform(self.data.mean, self.data.std)
@@ -204,6 +235,9 @@ class Trainer:
         d, seed = self.cfg.data, self.cfg.train.seed
         transform = TrainTransform(d.crop_size, d.scale_range, d.hflip, d.photometric, self.data.mean, self.data.std)
         rcs = d.rcs_temperature if d.rcs_enabled else None
+        target = self.data.target_train
+        if self._offline_labels_from() is not None:
+            target = _OfflineMasks(target, self._offline_masks)
         src, tgt = (
             TrainStream(
                 dataset,  # type: ignore[arg-type]
@@ -217,7 +251,7 @@ class Trainer:
             )
             for dataset, stream_seed, temperature in (
                 (self.data.source_train, seed * 2 + 1, rcs),
-                (self.data.target_train, seed * 2 + 2, None),
+                (target, seed * 2 + 2, None),
             )
         )
         return src, tgt
@@ -307,10 +341,11 @@ class Trainer:
         return logs
 
     # ------------------------------------------------------------------------------- evaluation
-    def predict(self, images: Tensor) -> Tensor:
-        """Student logits at input size for normalised images [N,3,H,W]."""
+    def predict(self, images: Tensor, net: torch.nn.Module | None = None) -> Tensor:
+        """Student (or `net`) logits at input size for normalised images [N,3,H,W]."""
+        net = self.method.student if net is None else net
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.use_amp):
-            return upsample_logits(self.method.student(images)["logits"], (images.shape[-2], images.shape[-1]))
+            return upsample_logits(net(images)["logits"], (images.shape[-2], images.shape[-1]))
 
     @torch.no_grad()
     def evaluate(self, num_previews: int = 0) -> tuple[dict[str, float], Tensor | None, list[dict[str, Any]]]:
@@ -394,6 +429,26 @@ class Trainer:
             seed=EVAL_SUBSAMPLE_SEED,
         )
 
+    # --------------------------------------------------------------------- offline target labels
+    def _offline_labels_from(self) -> int | None:
+        m = self.method
+        return m.offline_labels_from() if isinstance(m, OfflineTargetLabelling) else None
+
+    @torch.no_grad()
+    def _make_offline_target_labels(self) -> None:
+        """Label this rank's shard of target_train tiles once (`OfflineTargetLabelling`); on a resumed
+        run again, from the labelling network in the checkpoint. Collective: every rank calls it."""
+        assert isinstance(self.method, OfflineTargetLabelling)
+        net = self.method.begin_offline_labelling()
+        t, c = self.cfg.train, len(self.class_names)
+
+        def tiles() -> Iterator[tuple[int, Tensor]]:  # sliding_window_logits averages softmax scores
+            for i in self._train_streams[1].shard.tolist():
+                image = self.eval_transform(self.data.target_train[i])["image"].to(self.device)
+                yield i, sliding_window_logits(lambda x: self.predict(x, net), image, c, t.eval_window, t.eval_stride)
+
+        self._offline_masks.update(self.method.make_offline_labels(tiles()))
+
     # ------------------------------------------------------------------------------------- loop
     def fit(self, resume_from: str | Path | None = None) -> TrainResult:
         """Train to `train.iters`, evaluating and checkpointing on schedule; return the result."""
@@ -421,7 +476,11 @@ class Trainer:
         last_ckpt: Path | None = latest_checkpoint(self.ckpt_root) if self.is_main else None
         window: list[dict[str, Tensor]] = []
         t0 = time.perf_counter()
+        offline_from = self._offline_labels_from()
         while self.step < cfg.iters:
+            if offline_from is not None and self.step >= offline_from and not self._offline_masks:
+                self._make_offline_target_labels()
+                tgt_it = self._train_streams[1].batches(self.step)  # new loader workers see the labels
             logs = self.run_step(next(src_it), next(tgt_it))
             window.append(logs)
             self.step += 1

@@ -1,4 +1,5 @@
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -114,6 +115,34 @@ def test_missing_tile_names_the_file(tmp_path):
     prepare_isprs(
         src, tmp_path / "out", "potsdam", patch_size=32, stride=32, erode=False
     )  # full labels exist
+
+
+def _tree(folder):
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage"])
+def test_corrupt_tiff_is_named_and_the_previous_preparation_is_kept(potsdam, tmp_path, capsys, damage):
+    """A corrupt tile found after other tiles were cut: DataError naming it (CLI exit 2); the patches
+    prepared before stay exactly as they were and no partial patches or staging folder remain."""
+    from lpcgma.cli import main
+
+    src, _ = potsdam
+    out = tmp_path / "out"
+    prepare_isprs(src, out, "potsdam", patch_size=PATCH, stride=PATCH)
+    before = _tree(out)
+    bad_src = tmp_path / "src"
+    shutil.copytree(src, bad_src)
+    (bad,) = bad_src.rglob("top_potsdam_7_13_label_noBoundary.tif")  # the last val tile's label
+    bad.write_bytes(bad.read_bytes()[:300] if damage == "truncated" else b"II*\x00 not a tiff")
+    with pytest.raises(DataError, match=r"cannot read TIFF '.*top_potsdam_7_13_label_noBoundary\.tif' \(corrupt"):
+        prepare_isprs(bad_src, out, "potsdam", patch_size=PATCH, stride=PATCH, ignore_clutter=True)
+    assert _tree(out) == before  # not one patch or prepare.json replaced, nothing added
+    fresh = tmp_path / "fresh"
+    argv = ["data", "prepare-isprs", "--src", str(bad_src), "--out", str(fresh), "--dataset", "potsdam"]
+    assert main([*argv, "--patch-size", str(PATCH)]) == 2
+    assert str(bad) in capsys.readouterr().err
+    assert not (fresh / "Potsdam").exists()  # no half-prepared dataset to train on
 
 
 def test_label_decoding_and_rejection_of_non_labels():

@@ -73,3 +73,22 @@ def test_failed_write_keeps_previous_checkpoint(tmp_path: Path, monkeypatch: pyt
         write_checkpoint(target, {"step": 6}, "")
     assert read_checkpoint(target)["step"] == 5
     assert [p.name for p in tmp_path.iterdir()] == ["step_00000005"]  # no temporary folder left
+
+
+def test_failed_swap_puts_the_previous_checkpoint_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Overwriting a checkpoint (``best``) moves the old one aside, then renames the new one in: if
+    that last rename fails, the old one is renamed back."""
+    target = tmp_path / "best"
+    write_checkpoint(target, {"step": 5}, "")
+    real_rename = Path.rename
+
+    def rename(self: Path, dst: str | Path) -> Path:
+        if Path(dst) == target and not self.name.endswith(".old"):  # the new folder → best
+            raise OSError(28, "No space left on device")
+        return real_rename(self, dst)
+
+    monkeypatch.setattr(Path, "rename", rename)
+    with pytest.raises(CheckpointError, match=r"best.*No space left"):
+        write_checkpoint(target, {"step": 6}, "")
+    assert read_checkpoint(target)["step"] == 5
+    assert [p.name for p in tmp_path.iterdir()] == ["best"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -10,6 +11,8 @@ import pytest
 import torch
 
 from lpcgma.config import METHOD_CONFIGS, load_config
+from lpcgma.data.build import build_datasets
+from lpcgma.data.classes import IGNORE_INDEX
 from lpcgma.engine.trainer import Callback, EvalReport, NonFiniteLossError, Trainer
 
 TINY = [
@@ -111,3 +114,49 @@ def test_non_finite_loss_stops_with_a_clear_error(tmp_path: Path) -> None:
     cfg = tiny_config(tmp_path, "method.name=source_only", "optim.lr=1e30", "optim.warmup_iters=0")
     with pytest.raises(NonFiniteLossError, match="non-finite loss at step"):
         Trainer(cfg).fit()
+
+
+class _WithoutClass(torch.utils.data.Dataset):
+    """A labelled dataset whose masks never show class `absent` (its pixels become ignore)."""
+
+    def __init__(self, dataset: torch.utils.data.Dataset, absent: int) -> None:
+        self.dataset, self.absent = dataset, absent
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> dict:
+        sample = dict(self.dataset[index])
+        mask = sample["mask"].clone()
+        mask[mask == self.absent] = IGNORE_INDEX
+        sample["mask"] = mask
+        return sample
+
+
+def test_a_class_absent_from_the_source_keeps_every_loss_and_prototype_finite(tmp_path: Path) -> None:
+    """LoveDA-like data where the source never shows a class the target has: the Gaussian prototypes
+    keep no component for it, the contrast and alignment terms skip it, nothing becomes NaN."""
+    cfg = tiny_config(tmp_path, "method.name=lpcgma", *METHOD_EXTRAS["lpcgma"])
+    data = build_datasets(cfg.data)
+    absent = data.classes.names.index("water")
+    data = dataclasses.replace(
+        data,
+        source_train=_WithoutClass(data.source_train, absent),
+        source_eval=_WithoutClass(data.source_eval, absent),
+    )
+    assert not any(bool((data.source_train[i]["mask"] == absent).any()) for i in range(len(data.source_train)))
+    assert any(bool((data.target_eval[i]["mask"] == absent).any()) for i in range(len(data.target_eval)))
+    result = Trainer(cfg, data=data).fit()  # a non-finite loss would raise NonFiniteLossError
+    records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    losses = {k: v for r in records for k, v in r.items() if k.startswith("loss/")}
+    assert {"loss/total", "loss/pmc", "loss/pix", "loss/gmm_fwd"} <= set(losses)
+    assert all(math.isfinite(r[k]) for r in records for k in r if k.startswith("loss/"))
+    assert result.last_checkpoint is not None
+    state = torch.load(result.last_checkpoint / "state.pt", weights_only=True)["method"]
+    nan = [k for k, v in state.items() if torch.is_tensor(v) and v.is_floating_point() and bool(v.isnan().any())]
+    assert not nan, nan
+    proto = {k.split("prototypes.")[-1]: v for k, v in state.items() if "prototypes." in k}
+    assert bool(proto["fitted"]) and int(proto["count"][absent]) == 0 and not bool(proto["active"][absent].any())
+    present = proto["active"]
+    assert present.any() and bool(proto["means"][present].isfinite().all())
+    assert bool(proto["variances"][present].isfinite().all()) and bool((proto["variances"][present] > 0).all())
