@@ -1,0 +1,62 @@
+"""Smoke tests of the benchmark scripts at their tiniest sizes: they run and print a row per method / size."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def load(name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", BENCHMARKS / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def table_rows(out: str, first_cell: str) -> list[str]:
+    return [line for line in out.splitlines() if line.startswith(f"| {first_cell} |")]
+
+
+def test_step_cost_prints_a_row_per_method_and_the_lpcgma_profile(capsys: pytest.CaptureFixture[str]) -> None:
+    step_cost = load("step_cost")
+    args = "--in-process --crop 32 --batch 1 --tiles 2 --warmup 0 --steps 1 --memory-steps 1 --profile-steps 1"
+    results = step_cost.main(args.split())
+    out = capsys.readouterr().out
+    assert [r["method"] for r in results] == list(step_cost.METHODS)
+    for method in step_cost.METHODS:
+        assert len(table_rows(out, method)) == 1, out
+    assert "| self_training | " in out and "| 1.00× |" in table_rows(out, "self_training")[0]
+    assert "LPCGMA / self-training, refit amortised:" in out
+    assert "### Where an LPCGMA step goes" in out and "| **whole step** |" in out
+    assert "PIX (student on strong view + view contrast)" in out
+    assert all(r["cpu_s"] > 0 and r["wall_s"] > 0 for r in results)
+    # the profile's labels are gone from the package afterwards
+    import lpcgma.losses.gmm
+    import lpcgma.methods.lpcgma
+
+    assert lpcgma.methods.lpcgma.forward_alignment_loss is lpcgma.losses.gmm.forward_alignment_loss
+
+
+def test_contrast_scaling_prints_a_row_per_size_and_skips_the_naive_loss_over_budget(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    contrast = load("contrast_scaling")
+    # budget 0.5 MiB: the naive losses run at 4² (≤ 0.25 MiB predicted) and are skipped at 8² (≥ 1 MiB predicted)
+    argv = ["--in-process", "--sizes", "4", "8", "--repeats", "1", "--naive-budget-gb", str(0.5 / 1024)]
+    results = contrast.main(argv)
+    out = capsys.readouterr().out
+    for loss, prefix in (("pmc", "2+2 × "), ("pix", "2 × ")):
+        assert [r["size"] for r in results[loss]] == [4, 8]
+        assert "skipped" not in results[loss][0]["naive"] and "skipped" in results[loss][1]["naive"]
+        for size in (4, 8):
+            assert len([x for x in out.splitlines() if x.startswith(f"| {prefix}{size}² (")]) == 1, out
+    d_pmc, d_pix = contrast.check_naive(contrast.parse_args(["--sizes", "4"]))
+    assert d_pmc < 1e-4 and d_pix < 1e-4
