@@ -45,6 +45,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the shared benchmark helpers
+from proc_memory import reset_peak_rss, rss_kib  # noqa: E402
+
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import torch  # noqa: E402  (after OMP_NUM_THREADS)
@@ -70,26 +73,6 @@ TAU, BASE_RATE, BOOST, MAX_ANCHORS, PIX_PIXELS = 0.1, 0.05, 0.5, 4096, 1024
 
 
 # ------------------------------------------------------------------------------------ memory
-def _rss_kib(field: str) -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
-def _reset_peak_rss() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
 # ------------------------------------------------------------------------------- naive losses
 def naive_supervised_contrast(z: Tensor, y: Tensor, tau: float) -> Tensor:
     """Every valid pixel an anchor against every other valid pixel; positives: same class (N × N)."""
@@ -208,10 +191,10 @@ def measure_memory(names: list[str], size: int, args: argparse.Namespace) -> dic
         loss_fn(name, make_inputs(4, args.dim, args.images, args.seed))[0]()  # libraries' first-call set-up
         call, _, _ = loss_fn(name, make_inputs(size, args.dim, args.images, args.seed))
         torch.manual_seed(args.seed)
-        hwm_reset = _reset_peak_rss()
-        rss0 = _rss_kib("VmRSS")
+        hwm_reset = reset_peak_rss()
+        rss0 = rss_kib("VmRSS")
         call()
-        hwm = _rss_kib("VmHWM") if hwm_reset else None
+        hwm = rss_kib("VmHWM") if hwm_reset else None
         peaks[name] = (hwm - rss0) / 1024 if hwm is not None and rss0 is not None else float("nan")
         del call
     return peaks

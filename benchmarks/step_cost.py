@@ -59,6 +59,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the shared benchmark helpers
+from proc_memory import reset_peak_rss, rss_kib  # noqa: E402
+
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 BASELINE = "self_training"
@@ -81,28 +84,6 @@ M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
 
 
 # ------------------------------------------------------------------------------------ memory
-def _rss_kib(field: str) -> int | None:
-    """VmRSS / VmHWM of this process in KiB (None where /proc is missing)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
-def _reset_peak_rss() -> bool:
-    """Reset VmHWM to the current resident set (Linux ≥ 4.0); False where that is not possible."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
 def _fix_malloc_threshold() -> bool:
     """glibc: serve every allocation ≥ 128 KiB by its own mmap and trim the heap (no dynamic threshold)."""
     try:
@@ -123,10 +104,10 @@ def rss_peak(step: Callable[[], None], steps: int, fix_malloc: bool = True) -> d
     fixed = fix_malloc and _fix_malloc_threshold()
     step_kib, peak_kib = 0, 0
     for _ in range(max(1, steps)):
-        reset = _reset_peak_rss()
-        rss0 = _rss_kib("VmRSS")
+        reset = reset_peak_rss()
+        rss0 = rss_kib("VmRSS")
         step()
-        hwm = _rss_kib("VmHWM") if reset else None
+        hwm = rss_kib("VmHWM") if reset else None
         if hwm is None or rss0 is None:  # whole-process peak (ru_maxrss, KiB on Linux)
             peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
             return {"peak_mib": peak / 1024, "step_mib": (peak - (rss0 or 0)) / 1024, "mem_kind": "ru_maxrss"}
