@@ -12,11 +12,12 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from test_methods_train import _CrashAfter  # the same "killed after step N" callback
 
 from lpcgma.config import ConfigError, ExperimentConfig, load_config
 from lpcgma.data.stream import TrainStream
 from lpcgma.data.transforms import TrainTransform
-from lpcgma.engine.trainer import Callback, EvalReport, OfflineTargetLabelling, Trainer
+from lpcgma.engine.trainer import OfflineTargetLabelling, Trainer
 from lpcgma.methods.sdca import SDCA
 
 CONFIG = Path(__file__).resolve().parents[2] / "lpcgma" / "configs" / "synthetic.yaml"
@@ -46,17 +47,6 @@ ROUND = [
 
 def tiny_config(tmp_path: Path, *extra: str) -> ExperimentConfig:
     return load_config(CONFIG, [*TINY, f"train.out_dir={tmp_path / 'run'}", *extra])
-
-
-class _CrashAfter(Callback):
-    """Raises after the evaluation/checkpoint of `step`, as a killed process would stop."""
-
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_eval(self, report: EvalReport) -> None:
-        if report.step == self.step:
-            raise KeyboardInterrupt
 
 
 def _records(run: Path) -> list[dict[str, float]]:
