@@ -242,11 +242,39 @@ def measure(method: str, args: argparse.Namespace, profile_only: bool = False) -
             result["peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
             result["step_mib"] = (torch.cuda.max_memory_allocated() - alloc0) / 2**20
             result["mem_kind"] = "cuda"
+            result.update(host_syncs(step, args.sync_steps))
         if ALL[method][0] == "lpcgma":
             result.update(refit_cost(trainer, args, cuda))
         if not cuda:  # last: it changes the allocator's settings for the rest of the process
             result.update(rss_peak(step, args.memory_steps, fix_malloc=not args.in_process))
     return result
+
+
+def host_syncs(step: Callable[[], None], steps: int) -> dict[str, Any]:
+    """CUDA: host–device synchronisations inside `steps` more steps (torch.cuda sync debug mode).
+
+    Every synchronising call (`.item()`, `.cpu()`, `nonzero`, a data-dependent shape, …) raises a
+    warning whose location is the Python line that made it; counted per step and by line.
+    """
+    import warnings
+    from collections import Counter
+
+    import torch
+
+    if steps < 1:
+        return {}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            for _ in range(steps):
+                step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    sites = Counter(
+        f"{'/'.join(Path(w.filename).parts[-3:])}:{w.lineno}" for w in caught if "synchroniz" in str(w.message)
+    )
+    return {"syncs_per_step": sum(sites.values()) / steps, "sync_sites": sites.most_common(10)}
 
 
 def refit_cost(trainer: Any, args: argparse.Namespace, cuda: bool) -> dict[str, Any]:
@@ -394,6 +422,10 @@ def report(
                 f"{r['refit_s'] * 1e3:.1f} ms, every {r['refit_every']} steps = "
                 f"{r['refit_per_step_s'] * 1e3:.3f} ms per step amortised (not in the timed steps)"
             )
+    for r in results:
+        if "syncs_per_step" in r:
+            where = ", ".join(f"{site} ×{n}" for site, n in r["sync_sites"]) or "none"
+            print(f"- {r['method']}: {r['syncs_per_step']:g} host–device synchronisations per step ({where})")
     lpc = next((r for r in results if r["method"] == "lpcgma"), None)
     if lpc and base:
         ratio = (lpc[clock] + lpc.get("refit_per_step_s", 0.0)) / base[clock]
@@ -420,6 +452,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=10, help="timed steps (median reported)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--memory-steps", type=int, default=2, help="CPU: extra steps for the memory peak (max)")
+    p.add_argument("--sync-steps", type=int, default=2, help="CUDA: steps run in sync debug mode (0 = skip)")
     p.add_argument("--tiles", type=int, default=8, help="synthetic tiles per domain and split")
     p.add_argument("--profile-steps", type=int, default=3, help="LPCGMA steps to profile (0 = no profile)")
     p.add_argument("--top-ops", type=int, default=15, help="operators listed in the profile")

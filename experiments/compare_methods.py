@@ -4,6 +4,9 @@
     python experiments/compare_methods.py --config synthetic --ablation --seeds 0 1 2 --out results/ablation.md
     python experiments/compare_methods.py --config loveda_sample --seeds 0 1 2 --out results/cross_sensor.md
 
+`method.X=…` overrides reach only the methods that have option X; `--jobs N` trains N runs at a time
+(each in its own process, e.g. on a GPU machine with many cores).
+
 Every run is a real `lpcgma.engine.trainer.Trainer` run (MLflow tracking off unless --track); the
 table holds mean ± std over seeds of the final target mIoU and per-class IoU (×100). A run's folder
 is named by a hash of its overrides and seed, so identical runs are shared between tables (the
@@ -17,11 +20,15 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import multiprocessing
+import os
 import statistics
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 from lpcgma.cli import load_cli_config
+from lpcgma.config import METHOD_CONFIGS, valid_keys
 from lpcgma.engine.trainer import Trainer
 
 METHODS: dict[str, list[str]] = {
@@ -46,6 +53,20 @@ def run_dir(base: Path, overrides: list[str], seed: int) -> Path:
     """The run folder of one (overrides, seed): the same runs share a folder whatever the table."""
     key = hashlib.sha1(json.dumps(sorted(overrides)).encode()).hexdigest()[:12]
     return base / f"{key}-s{seed}"
+
+
+def applicable(common: list[str], variant: list[str]) -> tuple[list[str], list[str]]:
+    """Split the common overrides into those the variant's method has and the `method.*` ones it lacks.
+
+    A `method.X=…` override applies to the methods that have option X (e.g. `method.gmm_warmup_iters`
+    only to LPCGMA), so one command can set a method's options without breaking the others' runs.
+    """
+    name = next((o.split("=", 1)[1] for o in variant if o.startswith("method.name=")), None)
+    if name is None or name not in METHOD_CONFIGS:
+        return common, []
+    known = set(valid_keys(name))
+    kept = [o for o in common if not o.startswith("method.") or o.split("=", 1)[0] in known]
+    return kept, [o for o in common if o not in kept]
 
 
 def run_variant(config: str, overrides: list[str], seed: int, out_dir: Path, track: bool) -> dict[str, float]:
@@ -78,6 +99,12 @@ def run_variant(config: str, overrides: list[str], seed: int, out_dir: Path, tra
     return metrics
 
 
+def _limit_threads(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+
+
 def table(results: dict[str, list[dict[str, float]]], class_names: list[str]) -> str:
     """Markdown: one row per variant, mIoU and per-class IoU as mean ± std (×100)."""
 
@@ -104,8 +131,11 @@ def main() -> None:
     p.add_argument("--runs-dir", default="runs/compare", help="where each run's folder goes")
     p.add_argument("--out", help="write the markdown table here")
     p.add_argument("--track", action="store_true", help="also log every run to MLflow")
+    p.add_argument("--jobs", type=int, default=1, help="runs trained at a time, each in its own process")
     p.add_argument("overrides", nargs="*", help="dotted overrides applied to every run (same budget for all)")
     args = p.parse_args()
+    if args.jobs < 1:
+        p.error(f"--jobs must be >= 1, got {args.jobs}")
 
     variants = ABLATION if args.ablation else METHODS
     if args.only:
@@ -113,19 +143,37 @@ def main() -> None:
         if unknown:
             p.error(f"unknown variants {sorted(unknown)}; choose from {list(variants)}")
         variants = {k: v for k, v in variants.items() if k in args.only}
+    unused = set(args.overrides).intersection(*(applicable(args.overrides, v)[1] for v in variants.values()))
+    if unused:
+        p.error(f"no compared method has the option(s) {sorted(unused)}")
     base = Path(args.runs_dir) / Path(args.config).stem
-    results: dict[str, list[dict[str, float]]] = {}
+    runs: list[tuple[str, int, list[str]]] = []
     for name, overrides in variants.items():
-        for seed in args.seeds:
-            all_overrides = [*args.overrides, *overrides]
-            out_dir = run_dir(base, all_overrides, seed)
-            metrics = run_variant(args.config, all_overrides, seed, out_dir, args.track)
-            results.setdefault(name, []).append(metrics)
-            print(
-                f"{name:32s} seed {seed}: target mIoU {100 * metrics['target_miou']:.1f} ({metrics['wall_s']:.0f} s)",
-                flush=True,
-            )
-    cfg = load_cli_config(args.config, args.overrides)
+        common, dropped = applicable(args.overrides, overrides)
+        if dropped:
+            print(f"{name}: not applied (its method has no such option): {' '.join(dropped)}", flush=True)
+        runs += [(name, seed, [*common, *overrides]) for seed in args.seeds]
+
+    def report(name: str, seed: int, metrics: dict[str, float]) -> None:
+        results.setdefault(name, []).append(metrics)
+        miou = 100 * metrics["target_miou"]
+        print(f"{name:32s} seed {seed}: target mIoU {miou:.1f} ({metrics['wall_s']:.0f} s)", flush=True)
+
+    results: dict[str, list[dict[str, float]]] = {}
+    if args.jobs == 1:
+        for name, seed, ovr in runs:
+            report(name, seed, run_variant(args.config, ovr, seed, run_dir(base, ovr, seed), args.track))
+    else:  # N runs at a time, each in its own process with its share of the CPU threads
+        threads = max(1, (os.cpu_count() or 1) // args.jobs)
+        ctx = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(args.jobs, ctx, initializer=_limit_threads, initargs=(threads,)) as pool:
+            futures = [
+                pool.submit(run_variant, args.config, ovr, seed, run_dir(base, ovr, seed), args.track)
+                for name, seed, ovr in runs
+            ]
+            for (name, seed, _), future in zip(runs, futures, strict=True):
+                report(name, seed, future.result())
+    cfg = load_cli_config(args.config, [o for o in args.overrides if not o.startswith("method.")])
     from lpcgma.data.build import build_datasets
 
     names = list(build_datasets(cfg.data).classes.names)

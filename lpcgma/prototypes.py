@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from lpcgma import comm
 from lpcgma.losses.gmm import GMMParams, batched_em, class_scores, component_log_prob, gmm_mean_log_likelihood
+from lpcgma.losses.precision import float32
 
 _NEG = -1e9  # finite stand-in for −inf when taking a softmax over components
 
@@ -92,6 +93,7 @@ class GaussianPrototypes(nn.Module):
         return slots[None, :] < self.count[:, None]
 
     @torch.no_grad()
+    @float32
     def push(self, z: Tensor, labels: Tensor, generator: torch.Generator | None = None) -> None:
         """Write source embeddings `z` [N, D] with `labels` [N] (255 = skip) into the class rings.
 
@@ -137,6 +139,7 @@ class GaussianPrototypes(nn.Module):
         self.active.copy_(p.active)
 
     @torch.no_grad()
+    @float32
     def refit(self, iters: int, generator: torch.Generator | None = None) -> GMMParams:
         """Run `iters` EM iterations on the memory for all classes at once and store the result.
 
@@ -150,6 +153,7 @@ class GaussianPrototypes(nn.Module):
         return self.params()
 
     @torch.no_grad()
+    @float32
     def reverse_update(
         self,
         z_t: Tensor,
@@ -199,6 +203,7 @@ class GaussianPrototypes(nn.Module):
 
     # ------------------------------------------------------------------------------- diagnostics
     @torch.no_grad()
+    @float32
     def diagnostics(self, z_src: Tensor, y_src: Tensor, z_tgt: Tensor, y_tgt: Tensor) -> dict[str, float]:
         """Scalar health metrics of the prototypes (host floats, for logging at evaluation time).
 

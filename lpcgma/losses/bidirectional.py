@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from lpcgma.losses.precision import float32
 from lpcgma.losses.segmentation import IGNORE_INDEX, entropy_map
 
 HybridRule = Literal["agree", "confident"]
@@ -32,6 +33,7 @@ def _pixels_last(feats: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
     return feats, labels
 
 
+@float32
 def class_prototypes(feats: Tensor, labels: Tensor, num_classes: int) -> tuple[Tensor, Tensor]:
     """Class means c_k = Σ_i 1[y_i = k]·f_i / Σ_i 1[y_i = k] and which classes are present.
 
@@ -68,6 +70,7 @@ def _cosine_logits(feats: Tensor, protos: Tensor, scale: float, present: Tensor 
     return logits
 
 
+@float32
 def prototype_contrast_loss(
     feats: Tensor,
     labels: Tensor,
@@ -104,6 +107,7 @@ def prototype_contrast_loss(
 
 
 @torch.no_grad()
+@float32
 def dynamic_pseudo_labels(
     feats_t: Tensor,
     protos_s: Tensor,

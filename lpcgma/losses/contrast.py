@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from lpcgma.losses.precision import float32
 from lpcgma.losses.segmentation import IGNORE_INDEX
 
 # Finite stand-in for "minus infinity" in masked logits (fp32): keeps every softmax/logsumexp and
@@ -77,6 +78,7 @@ def sample_anchors(
 
 
 # ------------------------------------------------------------------------------------- the losses
+@float32
 def supervised_infonce(z: Tensor, labels: Tensor, tau: float) -> Tensor:
     """Supervised InfoNCE (L_PMC) over anchors `z` [N, D] (L2-normalised) with `labels` [N]:
 
@@ -114,6 +116,7 @@ def _view_infonce(z_a: Tensor, z_b: Tensor, labels: Tensor, valid: Tensor, tau: 
     return torch.where(anchor, loss, torch.zeros_like(loss)).sum() / anchor.sum().clamp_min(1)
 
 
+@float32
 def pixel_view_contrast(z_a: Tensor, z_b: Tensor, labels: Tensor, tau: float) -> Tensor:
     """Pixel contrast between two photometric views (L_PIX), symmetric over the views.
 

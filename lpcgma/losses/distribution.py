@@ -19,9 +19,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from lpcgma.losses.precision import float32
 from lpcgma.losses.segmentation import IGNORE_INDEX
 
 
+@float32
 def class_moments(feats: Tensor, labels: Tensor, num_classes: int) -> tuple[Tensor, Tensor, Tensor]:
     """Per-class count [C], mean [C,D] and population variance (ddof 0) [C,D] of feats [N,D].
 
@@ -93,6 +95,7 @@ def _prepared(
     return a, mu, s2
 
 
+@float32
 def sdca_logits(feats: Tensor, mean: Tensor, var: Tensor, tau: float, normalize_stats: bool = True) -> Tensor:
     """Per-class terms z_k = aᵀμ_k/τ + aᵀdiag(σ²_k)a/(2τ²) [N,C] with a = feats/‖feats‖ [N,D].
 
@@ -102,6 +105,7 @@ def sdca_logits(feats: Tensor, mean: Tensor, var: Tensor, tau: float, normalize_
     return a @ mu.T / tau + a.square() @ s2.T / (2.0 * tau * tau)
 
 
+@float32
 def sdca_loss(
     feats: Tensor, labels: Tensor, mean: Tensor, var: Tensor, tau: float = 100.0, normalize_stats: bool = True
 ) -> Tensor:

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from lpcgma.losses.precision import float32
 from lpcgma.losses.segmentation import IGNORE_INDEX
 
 NEG_SCORE = -1e9  # finite class score (and masked log-prob) of a class with no active component
@@ -55,6 +56,7 @@ def _masked_component_log_prob(z: Tensor, params: GMMParams, fill: float) -> Ten
     return lp.masked_fill(~params.active, fill)
 
 
+@float32
 def component_log_prob(z: Tensor, params: GMMParams) -> Tensor:
     """log π_ck + log N(z; μ_ck, diag σ²_ck) for every pixel, class and component: [N, C, K].
 
@@ -63,6 +65,7 @@ def component_log_prob(z: Tensor, params: GMMParams) -> Tensor:
     return _masked_component_log_prob(z, params, float("-inf"))
 
 
+@float32
 def class_scores(z: Tensor, params: GMMParams) -> Tensor:
     """GMM class scores s_c(z) = logsumexp_k [log π_ck + log N(z; μ_ck, σ²_ck)]: [N, C].
 
@@ -73,6 +76,7 @@ def class_scores(z: Tensor, params: GMMParams) -> Tensor:
     return torch.where(params.active.any(-1), s, torch.full_like(s, NEG_SCORE))
 
 
+@float32
 def forward_alignment_loss(
     z: Tensor,
     pseudo_labels: Tensor,
@@ -217,6 +221,7 @@ def _hard_assign(xc: Tensor, sq: Tensor, centres: Tensor, vf: Tensor, active: Te
     return (best_k[:, None, :] == ks).to(xc.dtype).mul_(vf[:, None, :])
 
 
+@float32
 def batched_em(
     x: Tensor,
     valid: Tensor,
@@ -280,6 +285,7 @@ def batched_em(
     )
 
 
+@float32
 def gmm_mean_log_likelihood(x: Tensor, valid: Tensor, params: GMMParams) -> Tensor:
     """Mean log-likelihood of each class's valid samples under that class's GMM: [C].
 

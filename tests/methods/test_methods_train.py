@@ -160,3 +160,20 @@ def test_a_class_absent_from_the_source_keeps_every_loss_and_prototype_finite(tm
     present = proto["active"]
     assert present.any() and bool(proto["means"][present].isfinite().all())
     assert bool(proto["variances"][present].isfinite().all()) and bool((proto["variances"][present] > 0).all())
+
+
+@pytest.mark.parametrize("method", ["bida", "lpcgma", "sdca"])  # the methods with their own loss math
+def test_method_steps_under_bf16_autocast(method: str, tmp_path: Path) -> None:
+    """`train.amp` on a GPU runs the step in bf16 autocast; CPU autocast reproduces its dtypes here
+    (BiDA's masked logits overflowed bf16 on an H200 before the losses ran in float32). Steps only:
+    bf16 convolutions are ≈ 100× slower than float32 on this CPU."""
+    trainer = Trainer(tiny_config(tmp_path, f"method.name={method}", *METHOD_EXTRAS.get(method, [])))
+    trainer.use_amp, trainer.amp_dtype = True, torch.bfloat16  # what a CUDA device would set
+    trainer.maybe_resume(None)  # the method's preparation pass (SDCA's statistics)
+    source, target = trainer._streams()
+    for _ in range(3):  # LPCGMA's Gaussian terms start at step 2
+        logs = trainer.run_step(next(source), next(target))
+        trainer.step += 1
+        assert all(torch.isfinite(v).all() for k, v in logs.items() if k.startswith("loss/")), logs
+    if method == "lpcgma":
+        assert "loss/gmm_fwd" in logs

@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# Everything we measure on a GPU, in one go (a lent GPU machine comes for minutes, not hours):
+#   1. batched EM vs sklearn (benchmarks/gmm_fit.py --device cuda),
+#   2. step cost per method at paper scale (ResNet-101, crop 512, bf16 autocast) with the host–device
+#      synchronisations counted (benchmarks/step_cost.py --device cuda),
+#   3. the methods tables (synthetic and the real-tile cross-sensor task, 3 seeds) trained N runs at a
+#      time (experiments/compare_methods.py --jobs), until the time budget is spent; finished runs
+#      keep their result.json, so a rerun (here or on another machine) picks up where this stopped.
+#
+#   OUT=gpu_out LOVEDA_ROOT=path/to/loveda_sample BUDGET_S=540 bash benchmarks/gpu_suite.sh
+#
+# Needs torch, torchvision, numpy, pillow, pyyaml, tqdm, scikit-learn (no Ray or MLflow: tracking is
+# off). Runs from the repository root without installing the package.
+set -u
+OUT=${OUT:-gpu_out}
+LOVEDA_ROOT=${LOVEDA_ROOT:-../shared/data/loveda_sample}
+BUDGET_S=${BUDGET_S:-540}
+JOBS=${JOBS:-8}
+DEVICE=${DEVICE:-cuda}              # DEVICE=cpu STEP_ARGS="--backbone resnet18 --crop 64" EXTRA="train.iters=2": a dry run
+STEP_ARGS=${STEP_ARGS:---backbone resnet101 --crop 512 --batch 2}
+read -r -a EXTRA <<< "${EXTRA:-}"
+RUNS=${RUNS:-runs/compare_gpu}
+mkdir -p "$OUT"
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+export RAY_USAGE_STATS_ENABLED=0 MLFLOW_DISABLE_TELEMETRY=true
+start=$(date +%s)
+left() { echo $((start + BUDGET_S - $(date +%s))); }
+
+nvidia-smi -L 2>/dev/null || echo "no nvidia-smi"
+python3 -c "import sys, torch; print(sys.version.split()[0], torch.__version__, torch.cuda.get_device_name())"
+
+echo "## EM" | tee "$OUT/gmm_fit.md"
+for samples in 20000 100000; do
+  timeout 120 python3 benchmarks/gmm_fit.py --device "$DEVICE" --samples $samples --repeats $((samples > 50000 ? 3 : 5)) 2>&1 | tee -a "$OUT/gmm_fit.md"
+done
+
+# shellcheck disable=SC2086
+timeout 240 python3 benchmarks/step_cost.py --device "$DEVICE" $STEP_ARGS --ablations --profile-steps 0 2>&1 | tee "$OUT/step_cost_r101.md"
+
+synthetic=(data.crop_size=64 train.iters=200 data.synthetic_target_sensor=rgb
+           method.gmm_warmup_iters=50 method.gmm_refit_every=50)
+cross_sensor=("data.root=$LOVEDA_ROOT" train.iters=200 train.eval_every=100 train.checkpoint_every=100
+              method.gmm_warmup_iters=50 method.gmm_refit_every=50)
+compare() {  # config, out table, overrides…: until the budget (less 20 s to pack) is spent
+  local config=$1 table=$2; shift 2
+  local t=$(( $(left) - 20 ))
+  if [ "$t" -lt 30 ]; then echo "no time left for $config"; return; fi
+  timeout --kill-after=5 "$t" python3 experiments/compare_methods.py --config "$config" --seeds 0 1 2 \
+    --jobs "$JOBS" --runs-dir "$RUNS" --out "$OUT/$table" "$@" "${EXTRA[@]}" 2>&1 | tee -a "$OUT/compare.log" | grep -v Warning
+}
+compare synthetic methods_synthetic.md "${synthetic[@]}"
+compare loveda_sample methods_cross_sensor.md "${cross_sensor[@]}"
+compare synthetic ablation_synthetic.md --ablation "${synthetic[@]}"
+
+tar czf "$OUT/runs.tgz" $(find "$RUNS" -name result.json -o -name variant.json) 2>/dev/null
+echo "finished runs: $(find "$RUNS" -name result.json | wc -l); $(left) s of the budget left"

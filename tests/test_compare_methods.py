@@ -1,0 +1,84 @@
+"""experiments/compare_methods.py: which overrides reach which method, shared run folders, resumable tables."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "experiments" / "compare_methods.py"
+_spec = importlib.util.spec_from_file_location("compare_methods", SCRIPT)
+assert _spec is not None and _spec.loader is not None
+compare = sys.modules["compare_methods"] = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(compare)
+
+TINY = [
+    "data.synthetic_tiles=4",
+    "data.synthetic_tile_size=64",
+    "data.crop_size=48",
+    "data.batch_size=2",
+    "model.proj_dim=8",
+    "train.iters=2",
+    "train.eval_every=2",
+    "train.checkpoint_every=2",
+    "train.log_every=1",
+    "train.eval_window=64",
+    "train.eval_stride=64",
+    "train.device=cpu",
+]
+
+
+def test_method_options_reach_only_the_methods_that_have_them() -> None:
+    common = ["train.iters=5", "method.gmm_warmup_iters=50", "method.pseudo_threshold=0.9"]
+    kept, dropped = compare.applicable(common, ["method.name=self_training"])
+    assert kept == ["train.iters=5", "method.pseudo_threshold=0.9"]
+    assert dropped == ["method.gmm_warmup_iters=50"]
+    kept, dropped = compare.applicable(common, ["method.name=lpcgma", "method.use_pix=false"])
+    assert kept == common and dropped == []
+    kept, dropped = compare.applicable(common, ["method.name=source_only"])
+    assert kept == ["train.iters=5"]
+
+
+def test_run_folder_depends_on_the_overrides_not_their_order(tmp_path: Path) -> None:
+    a = compare.run_dir(tmp_path, ["train.iters=5", "method.name=lpcgma"], 0)
+    assert a == compare.run_dir(tmp_path, ["method.name=lpcgma", "train.iters=5"], 0)
+    assert a != compare.run_dir(tmp_path, ["method.name=lpcgma", "train.iters=5"], 1)
+    assert a != compare.run_dir(tmp_path, ["method.name=lpcgma", "train.iters=6"], 0)
+
+
+def _run(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    cmd = [sys.executable, str(SCRIPT), "--config", "synthetic", "--runs-dir", str(tmp_path / "runs"), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=600)
+
+
+def test_table_is_written_and_finished_runs_are_not_trained_again(tmp_path: Path) -> None:
+    out = tmp_path / "table.md"
+    args = ["--ablation", "--only", "self-training", "+ PMC", "--seeds", "0", "--out", str(out), *TINY]
+    first = _run(tmp_path, "--jobs", "2", *args, "method.gmm_warmup_iters=1")  # both runs at once
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "self-training: not applied (its method has no such option): method.gmm_warmup_iters=1" in first.stdout
+    text = out.read_text()
+    assert "| self-training |" in text and "| + PMC |" in text
+    assert "method.gmm_warmup_iters=1" in text  # the command line is in the table's file
+    results = sorted((tmp_path / "runs" / "synthetic").glob("*/result.json"))
+    assert len(results) == 2
+    # self-training's folder holds no LPCGMA option: the same run as without the option
+    st = next(r for r in results if "self_training" in (r.parent / "variant.json").read_text())
+    assert "gmm_warmup_iters" not in (st.parent / "variant.json").read_text()
+    stamps = {r: r.stat().st_mtime_ns for r in results}
+    seen = json.loads(st.read_text())["target_miou"]
+
+    again = _run(tmp_path, *args, "method.gmm_warmup_iters=1")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert {r: r.stat().st_mtime_ns for r in results} == stamps  # read back, not retrained
+    assert f"target mIoU {100 * seen:.1f}" in again.stdout
+
+
+def test_an_option_no_compared_method_has_is_refused(tmp_path: Path) -> None:
+    res = _run(tmp_path, "--only", "self-training", "--seeds", "0", "--ablation", "method.gmm_warmup_iter=1")
+    assert res.returncode != 0
+    assert "method.gmm_warmup_iter=1" in res.stderr and "no compared method has" in res.stderr
+    assert not (tmp_path / "runs").exists()
