@@ -25,7 +25,6 @@ config (e.g. ``train.iters=400``).
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 import time
@@ -33,6 +32,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from lpcgma.distributed.trial_results import read_trial_rows
 from lpcgma.engine.label_free import CRITERIA, Criterion
 
 TRUTH = "target_miou"
@@ -69,21 +69,10 @@ class CriterionResult:
 # ---------------------------------------------------------------------------------------- reading
 def read_trials(experiment: str | Path) -> list[TrialPoint]:
     """The last reported row of every trial of a local Tune experiment folder (``*/result.json``)."""
-    folder = Path(experiment)
-    points = []
-    for result in sorted(folder.glob("*/result.json")):
-        rows = [json.loads(line) for line in result.read_text().splitlines() if line.strip()]
-        if not rows:
-            continue
-        last = max(rows, key=lambda r: r.get("training_iteration", 0))
-        numeric = {k: float(v) for k, v in last.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-        points.append(TrialPoint(str(last.get("trial_id") or result.parent.name), int(last.get("step", -1)), numeric))
-    if not points:
-        raise FileNotFoundError(
-            f"no trial results under '{folder}': expected a Tune experiment folder <storage>/<name> whose trial "
-            "folders hold result.json"
-        )
-    return points
+    return [
+        TrialPoint(trial_id, int(rows[-1].get("step", -1)), rows[-1])
+        for trial_id, rows in read_trial_rows(experiment).items()
+    ]
 
 
 # ---------------------------------------------------------------------------------------- analysis

@@ -35,7 +35,9 @@ def _rank_within_class(labels: Tensor, num_classes: int) -> tuple[Tensor, Tensor
     """
     order = torch.argsort(labels, stable=True)
     sorted_labels = labels[order]
-    counts = torch.bincount(sorted_labels, minlength=num_classes)
+    counts = torch.zeros(num_classes, dtype=torch.long, device=labels.device).index_add_(
+        0, sorted_labels, torch.ones_like(sorted_labels)
+    )  # not bincount: on CUDA it reads max(labels) back to the host
     starts = torch.cumsum(counts, 0) - counts
     rank = torch.arange(labels.numel(), device=labels.device) - starts[sorted_labels]
     return order, rank, counts

@@ -60,3 +60,41 @@ def test_contrast_scaling_prints_a_row_per_size_and_skips_the_naive_loss_over_bu
             assert len([x for x in out.splitlines() if x.startswith(f"| {prefix}{size}² (")]) == 1, out
     d_pmc, d_pix = contrast.check_naive(contrast.parse_args(["--sizes", "4"]))
     assert d_pmc < 1e-4 and d_pix < 1e-4
+
+
+def _experiment(folder: Path, trials: dict[str, list[tuple[int, int, float]]]) -> Path:
+    """A Tune-like experiment folder: per trial, rows of (timestamp, step, target_miou)."""
+    import json
+
+    for trial_id, rows in trials.items():
+        (folder / trial_id).mkdir(parents=True)
+        lines = [
+            json.dumps({"trial_id": trial_id, "training_iteration": i + 1, "timestamp": t, "step": s, "target_miou": m})
+            for i, (t, s, m) in enumerate(rows)
+        ]
+        (folder / trial_id / "result.json").write_text("\n".join(lines) + "\n")
+    return folder
+
+
+def test_search_efficiency_replays_evaluations_by_time_and_counts_every_trials_iterations(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    eff = load("search_efficiency")
+    # early-stopping search: trial b is stopped after 100 iterations; its 0.30 comes at t=2
+    asha = _experiment(tmp_path / "asha", {"a": [(1, 100, 0.10), (3, 200, 0.20)], "b": [(2, 100, 0.30)]})
+    # no early stopping: both trials run 200 iterations; the best (0.40) comes last
+    full = _experiment(
+        tmp_path / "full", {"c": [(1, 100, 0.05), (2, 200, 0.15)], "d": [(3, 100, 0.10), (4, 200, 0.40)]}
+    )
+    curve = eff.best_so_far(eff.read_trial_rows(asha))
+    assert curve == [(100, 0.10), (200, 0.30), (300, 0.30)]
+    assert eff.best_within(curve, 150) == pytest.approx(0.10)
+    assert eff.best_within(curve, 50) == float("-inf")
+    png = tmp_path / "eff.png"
+    assert eff.main(["--search", f"asha={asha}", "--search", f"full={full}", "--out", str(png)]) == 0
+    out = capsys.readouterr().out
+    # common budget = 300 iterations (the smaller search): full has reached only 0.15 by then
+    # (25 % = 75 iterations: nothing evaluated yet in either)
+    assert table_rows(out, "asha") == ["| asha | 2 | 300 | – | 10.0 | 30.0 | 30.0 |"]
+    assert table_rows(out, "full") == ["| full | 2 | 400 | – | 5.0 | 15.0 | 40.0 |"]
+    assert png.stat().st_size > 0

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -49,7 +49,7 @@ def entropy_map(logits: Tensor) -> Tensor:
     """Normalised Shannon entropy of the softmax per pixel, in [0, 1], shape [B,H,W]."""
     logp = logits.float().log_softmax(dim=1)
     ent = -(logp.exp() * logp).sum(dim=1)
-    return ent / torch.log(torch.tensor(float(logits.shape[1]), device=logits.device))
+    return ent / math.log(logits.shape[1])
 
 
 def downsample_labels(labels: Tensor, size: Sequence[int]) -> Tensor:

@@ -78,7 +78,7 @@ class LPCGMA(SelfTraining):
             l_pmc, keep = self._pmc(z_src, y_src, z_mix, y_mix, q_mix)
             loss = loss + m.lambda_pmc * l_pmc
             logs["loss/pmc"] = l_pmc.detach()
-            logs["pmc/anchors"] = keep.new_tensor(float(keep.numel()))
+            logs["pmc/anchors"] = torch.full((), float(keep.numel()), device=keep.device)
         if m.use_pix and m.lambda_pix > 0:
             l_pix = self._pix(tp, y_mix)
             loss = loss + m.lambda_pix * l_pix

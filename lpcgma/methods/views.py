@@ -25,22 +25,26 @@ def strong_view(images: Tensor, irrg_prob: float, generator: torch.Generator | N
     b, c, h, w = images.shape
     dev, dt = images.device, images.dtype
 
-    def rand(*shape: int) -> Tensor:
-        return torch.rand(*shape, generator=generator, device="cpu").to(dev, dt)
+    # every random number of the view, drawn in the usual order on the CPU generator, then one
+    # host→device copy (each separate copy is a synchronisation on CUDA)
+    draws = [torch.rand(b, c, generator=generator), torch.rand(b, c, generator=generator)]
+    draws.append(torch.stack([torch.randperm(c, generator=generator) for _ in range(b)]).to(torch.float32))
+    draws += [torch.rand(b, 1, generator=generator) for _ in range(3)]
+    gain_u, offset_u, perm_f, use_u, weight_u, sigma_u = torch.cat(draws, dim=1).to(dev).split([c, c, c, 1, 1, 1], 1)
 
-    gain = 0.6 + 0.8 * rand(b, c, 1, 1)
-    offset = 0.6 * (rand(b, c, 1, 1) - 0.5)
+    gain = 0.6 + 0.8 * gain_u.to(dt)[..., None, None]
+    offset = 0.6 * (offset_u.to(dt)[..., None, None] - 0.5)
     x = images * gain + offset
     # sensor-like channel re-weighting: a random permutation blended with identity
-    perms = torch.stack([torch.randperm(c, generator=generator) for _ in range(b)]).to(dev)
+    perms = perm_f.long()
     mixing = torch.eye(c, device=dev, dtype=dt)[perms]  # [B, C, C] permutation matrices
-    use = (rand(b, 1, 1) < irrg_prob).to(dt)
-    weight = 0.5 + 0.5 * rand(b, 1, 1)
+    use = (use_u.to(dt)[..., None] < irrg_prob).to(dt)
+    weight = 0.5 + 0.5 * weight_u.to(dt)[..., None]
     mixing = use * (weight * mixing + (1 - weight) * torch.eye(c, device=dev, dtype=dt)) + (1 - use) * torch.eye(
         c, device=dev, dtype=dt
     )
     x = torch.einsum("bij,bjhw->bihw", mixing, x)
-    sigma = 0.1 + 1.4 * rand(b)
+    sigma = 0.1 + 1.4 * sigma_u.to(dt)[:, 0]
     kernel = _gaussian_kernel(sigma).repeat_interleave(c, dim=0)  # [B*C, 1, 5, 5]
     x = F.conv2d(F.pad(x.reshape(1, b * c, h, w), (2, 2, 2, 2), mode="reflect"), kernel, groups=b * c)
     return x.reshape(b, c, h, w)

@@ -41,3 +41,24 @@ def test_classmix_pastes_half_of_the_present_classes() -> None:
     src, tgt = torch.ones(1, 3, 3, 4), torch.zeros(1, 3, 3, 4)
     mixed = mix(mask, src, tgt)
     assert torch.equal(mixed[:, 0].bool(), mask)
+
+
+def test_classmix_picks_ceil_half_of_each_images_classes_uniformly() -> None:
+    labels = torch.stack(
+        [
+            torch.tensor([[0, 1, 2], [0, 1, 2]]),  # 3 classes → 2 pasted
+            torch.tensor([[5, 5, 6], [255, 255, 255]]),  # 2 classes (and ignore) → 1 pasted
+            torch.full((2, 3), 255),  # nothing to paste
+        ]
+    )
+    g = torch.Generator().manual_seed(0)
+    picked = torch.zeros(7)
+    for _ in range(200):
+        mask = classmix_masks(labels, g)
+        assert [len(torch.unique(labels[i][mask[i]])) for i in range(3)] == [2, 1, 0]
+        assert not mask[labels == 255].any()
+        for c in range(7):
+            picked[c] += bool(mask[labels == c].any())
+    # each class of image 0 is picked 2/3 of the time, of image 1 half of the time
+    assert all(100 < picked[c] < 170 for c in (0, 1, 2))
+    assert all(70 < picked[c] < 130 for c in (5, 6))
