@@ -147,14 +147,16 @@ def cmd_data_check(args: argparse.Namespace) -> int:
 
 
 def cmd_promote(args: argparse.Namespace) -> int:
+    from lpcgma.engine.label_free import resolve_objective
     from lpcgma.tracking.registry import PromotionError, PromotionRefused, promote
 
+    metric, mode = resolve_objective(args.metric, args.mode)
     try:
         r = promote(
             args.search,
             experiment=args.experiment,
-            metric=args.metric,
-            mode=args.mode,
+            metric=metric,
+            mode=mode,
             model_name=args.model_name,
             force=args.force,
             tracking_uri=args.tracking_uri,
@@ -280,8 +282,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("promote", help="register a search's best trial as the champion model")
     p.add_argument("--search", help="search name (its trial runs are the candidates)")
     p.add_argument("--experiment", help="or: every training run of this MLflow experiment")
-    p.add_argument("--metric", default="target_miou", help="selection metric (each run's best value)")
-    p.add_argument("--mode", choices=["max", "min"], default="max")
+    p.add_argument("--metric", default="target_miou",
+                   help="selection metric (each run's best value): a metric key or a label-free criterion "
+                        "name (entropy, im, snd, agreement, …)")  # fmt: skip
+    p.add_argument("--mode", choices=["max", "min"], help="default: the criterion's own (entropy: min), else max")
     p.add_argument("--model-name", help="registered model (default: lpcgma-<dataset>-<source>-to-<target>)")
     p.add_argument("--force", action="store_true", help="promote even if not better than the champion")
     p.add_argument("--tracking-uri", help="default: tracking config / $MLFLOW_TRACKING_URI / ./mlflow store")

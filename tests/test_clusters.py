@@ -54,7 +54,9 @@ def test_setup_installs_this_project_from_files_that_exist(name: str) -> None:
     commands = _commands(cfg)
     assert any(re.search(rf"pip install .*-e {re.escape(remote)}(\s|$)", c) for c in commands), commands
     referenced = {m for c in commands for m in re.findall(rf"{re.escape(remote)}/([\w./-]+)", c)}
-    referenced |= {m for c in commands for m in re.findall(r"\$HOME/lpcgma/([\w./-]+)", c)}
+    home_form = "$HOME" + remote[1:] if remote.startswith("~") else remote  # as the .bashrc lines write it
+    referenced |= {m for c in commands for m in re.findall(rf"{re.escape(home_form)}/([\w./-]+)", c)}
+    assert "clusters/lpcgma.env" in referenced  # the .bashrc block loads the user's settings from the copy
     optional = {"clusters/lpcgma.env"}  # the user's own settings, loaded only when present
     for rel in referenced - optional:
         assert (REPO / rel).exists(), f"{name} refers to {rel}, which is not in the repository"

@@ -211,6 +211,19 @@ def test_promotion_aliases_refusal_force_and_predict(
         colours = {tuple(c) for c in np.asarray(pred.convert("RGB")).reshape(-1, 3)}
         assert colours <= palette
 
+    # a label-free criterion by name: its metric key and its mode (entropy: lowest wins) come from the registry
+    ent_name = f"{name}-entropy"
+    argv = ["promote", "--search", "smoke", "--model-name", ent_name, "--tracking-uri", uri, "--metric", "entropy"]
+    assert main(argv) == 0
+    mv = client.get_model_version(ent_name, "1")
+    assert mv.tags["metric"] == "target_entropy" and mv.tags["mode"] == "min"
+    best = {
+        t["run_id"]: min(m.value for m in client.get_metric_history(t["run_id"], "target_entropy"))
+        for t in smoke_search["trials"].values()
+    }
+    assert mv.tags["source_run_id"] == min(best, key=lambda k: best[k])
+    assert float(mv.tags["metric_value"]) == min(best.values())
+
 
 # -------------------------------------------------------------------- the server goes away
 class _ServerSwitch(Callback):
