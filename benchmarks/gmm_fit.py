@@ -7,6 +7,11 @@ time of each (median of --repeats, after one warm-up), speed-up, mean log-likeli
 
     python benchmarks/gmm_fit.py --classes 7 --samples 20000 --dim 64 --k 4 --iters 20 \
         --repeats 3 --device cpu
+    python benchmarks/gmm_fit.py --profile     # + where the batched EM's time goes
+
+`--profile` adds torch.profiler's top operators of one batched fit and a GEMM-shape probe: the
+E-step's per-class product [M, 2D]·[2D, K] (K = 4 output columns) against one product of the
+same FLOP count with C·K output columns, in GFLOP/s — the kernel efficiency that bounds the fit.
 """
 
 from __future__ import annotations
@@ -90,7 +95,46 @@ def time_sklearn(x: np.ndarray, args: argparse.Namespace) -> tuple[list[float], 
     return times, statistics.mean(lls)
 
 
-def main() -> None:
+def gemm_probe(args: argparse.Namespace) -> list[str]:
+    """GFLOP/s of the E-step's batched thin product vs one wide product of the same FLOP count."""
+    device = torch.device(args.device)
+    c, m, d2, k = args.classes, args.samples, 2 * args.dim, args.k
+    feats = torch.randn(c, m, d2, device=device)
+    w = torch.randn(c, k, d2, device=device)
+    wide = torch.randn(c * k, d2, device=device)
+    flops = 2.0 * c * m * d2 * k
+    shapes = {
+        f"bmm [{c}×{m}×{d2}]·[{c}×{d2}×{k}] (E-step, per class)": lambda: torch.bmm(feats, w.transpose(1, 2)),
+        f"mm [{m}×{d2}]·[{d2}×{c * k}] (same FLOPs, one wide GEMM)": lambda: feats[0] @ wide.T,
+    }
+    rows = []
+    for name, fn in shapes.items():
+        fn()
+        best = float("inf")
+        for _ in range(10):
+            t0 = CLOCK[args.clock]()
+            fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            best = min(best, CLOCK[args.clock]() - t0)
+        rows.append(f"| {name} | {best * 1e3:.2f} ms | {flops / best / 1e9:.1f} GFLOP/s |")
+    return rows
+
+
+def profile_fit(x: np.ndarray, args: argparse.Namespace) -> str:
+    """torch.profiler's top operators (self CPU time) of one batched fit, after a warm-up fit."""
+    from torch.profiler import profile
+
+    xt = torch.from_numpy(x).to(args.device)
+    valid = torch.ones(xt.shape[:2], dtype=torch.bool, device=xt.device)
+    g = torch.Generator(device=xt.device).manual_seed(args.seed)
+    batched_em(xt, valid, args.k, args.iters, args.var_floor, None, g)
+    with profile() as prof:
+        batched_em(xt, valid, args.k, args.iters, args.var_floor, None, g)
+    return str(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=8))
+
+
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--classes", type=int, default=7)
     ap.add_argument("--samples", type=int, default=20000, help="samples per class")
@@ -103,7 +147,8 @@ def main() -> None:
     ap.add_argument("--noise", type=float, default=0.05, help="per-dimension noise around the centres")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--clock", choices=sorted(CLOCK), default="wall", help="wall time or process CPU time")
-    args = ap.parse_args()
+    ap.add_argument("--profile", action="store_true", help="also profile one batched fit and probe GEMM shapes")
+    args = ap.parse_args(argv)
 
     x = make_data(args.classes, args.samples, args.dim, args.k, args.noise, args.seed)
     sk_times, sk_ll = time_sklearn(x, args)
@@ -123,6 +168,10 @@ def main() -> None:
         f"| {args.classes}×{args.samples}×{args.dim}, {args.k}, {args.iters} | {sk_t:.3f} | {th_t:.3f} | "
         f"{sk_t / th_t:.2f}× | {sk_ll:.4f} | {th_ll:.4f} | {(th_ll - sk_ll) / abs(sk_ll):+.2%} |"
     )
+    if args.profile:
+        print(profile_fit(x, args))
+        print("| product | best of 10 | throughput |\n|---|---|---|")
+        print("\n".join(gemm_probe(args)))
 
 
 if __name__ == "__main__":

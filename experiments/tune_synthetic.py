@@ -18,17 +18,21 @@ from collections.abc import Sequence
 
 from lpcgma.distributed.tune import experiment_main
 
-# The demo's trials, sized for a 2-core CPU: LPCGMA with small crops and a short schedule (4
-# evaluations), its Gaussian-prototype terms switched on early enough to matter.
+# The demo's trials, sized for a 2-core CPU: LPCGMA with small crops and batches and a short
+# schedule (4 evaluations), its Gaussian-prototype terms switched on early enough to matter, and
+# the label-free criteria on fewer tiles (each evaluation is a sizeable part of a short trial).
 DEMO_OVERRIDES = (
     "method.name=lpcgma",
     "data.crop_size=64",
-    "train.iters=96",
-    "train.eval_every=24",
-    "train.checkpoint_every=24",
-    "train.log_every=24",
-    "method.gmm_warmup_iters=24",
-    "method.gmm_refit_every=24",
+    "data.batch_size=2",
+    "train.iters=128",
+    "train.eval_every=32",
+    "train.checkpoint_every=32",
+    "train.log_every=32",
+    "train.source_eval_tiles=8",
+    "train.label_free_tiles=4",
+    "method.gmm_warmup_iters=32",
+    "method.gmm_refit_every=32",
     "tracking.log_overlays=0",
 )
 

@@ -45,6 +45,17 @@ def test_step_cost_prints_a_row_per_method_and_the_lpcgma_profile(capsys: pytest
     assert lpcgma.methods.lpcgma.forward_alignment_loss is lpcgma.losses.gmm.forward_alignment_loss
 
 
+def test_gmm_fit_prints_the_comparison_the_profile_and_the_gemm_probe(capsys: pytest.CaptureFixture[str]) -> None:
+    gmm_fit = load("gmm_fit")
+    args = "--classes 2 --samples 64 --dim 4 --k 2 --iters 2 --repeats 1 --profile"
+    gmm_fit.main(args.split())
+    out = capsys.readouterr().out
+    assert len(table_rows(out, "2×64×4, 2, 2")) == 1, out
+    assert "aten::" in out  # the profiler's operator table
+    probe = [line for line in out.splitlines() if line.startswith(("| bmm [", "| mm ["))]
+    assert len(probe) == 2 and all(line.endswith("GFLOP/s |") for line in probe), out
+
+
 def test_contrast_scaling_prints_a_row_per_size_and_skips_the_naive_loss_over_budget(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
