@@ -77,6 +77,9 @@ ABLATIONS: dict[str, tuple[str, list[str]]] = {
     "lpcgma −pix": ("lpcgma", ["method.use_pix=false"]),
     "lpcgma −gmm": ("lpcgma", ["method.use_gmm_forward=false", "method.use_gmm_reverse=false"]),
     "lpcgma −pmc": ("lpcgma", ["method.use_pmc=false"]),
+    # the two cost options: no backward through PIX's strong view, the prototype memory filled from
+    # the student's (detached) source embeddings instead of a teacher forward on the source batch
+    "lpcgma lean": ("lpcgma", ["method.pix_strong_grad=false", "method.gmm_memory_features=student"]),
 }
 ALL = {**METHODS, **ABLATIONS}
 RESULT_TAG = "STEP_COST_RESULT "
@@ -444,7 +447,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--methods", nargs="+", choices=sorted(ALL), default=list(METHODS), metavar="METHOD",
                    help=f"methods to measure (default: {' '.join(METHODS)}; also {', '.join(ABLATIONS)})")  # fmt: skip
-    p.add_argument("--ablations", action="store_true", help="also LPCGMA without PIX / the prototypes / PMC")
+    p.add_argument("--ablations", action="store_true", help="also LPCGMA without PIX / the prototypes / PMC, and lean")
     p.add_argument("--backbone", default="resnet18", help="model.backbone (resnet18, resnet50, resnet101)")
     p.add_argument("--crop", type=int, default=64, help="data.crop_size")
     p.add_argument("--batch", type=int, default=2, help="data.batch_size (images per domain)")

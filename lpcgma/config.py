@@ -144,6 +144,7 @@ class LPCGMAConfig(SelfTrainingConfig):
     tau_pix: float = 0.1  # τ_pix
     pix_pixels: int = 1024  # pixels sampled per view pair
     pix_irrg_prob: float = 0.5  # probability that the strong view re-weights channels like RGB↔IRRG
+    pix_strong_grad: bool = True  # backprop through the strong view (false: stop-gradient target, 1 backward less)
     # Gaussian multiprototypes (global)
     use_gmm_forward: bool = True  # switch forward alignment (target → source components)
     use_gmm_reverse: bool = True  # switch reverse alignment (components ← target)
@@ -160,6 +161,8 @@ class LPCGMAConfig(SelfTrainingConfig):
     gmm_memory_per_class: int = 4096  # source embeddings remembered per class
     gmm_push_per_class: int = 256  # at most this many new source embeddings per class per step (random subsample)
     gmm_var_floor: float = 1e-4  # ε: diagonal variance floor
+    gmm_memory_features: Literal["teacher", "student"] = "teacher"  # source embeddings remembered: the
+    # teacher's (as specified; one extra teacher forward per step) or the student's, detached (no extra pass)
 
 
 @dataclass(frozen=True)

@@ -86,9 +86,12 @@ class LPCGMA(SelfTraining):
 
         gmm_on = m.use_gmm_forward or m.use_gmm_reverse
         if gmm_on:
-            with torch.no_grad():
-                z_src_teacher = pixel_rows(self.teacher(source["image"])["embed"])  # type: ignore[misc]
-            self.prototypes.push(z_src_teacher, y_src)
+            if m.gmm_memory_features == "teacher":
+                with torch.no_grad():
+                    z_memory = pixel_rows(self.teacher(source["image"])["embed"])  # type: ignore[misc]
+            else:
+                z_memory = z_src.detach()
+            self.prototypes.push(z_memory, y_src)
             if step + 1 >= m.gmm_warmup_iters and (
                 not bool(self.prototypes.fitted) or (step + 1 - m.gmm_warmup_iters) % m.gmm_refit_every == 0
             ):
@@ -149,10 +152,16 @@ class LPCGMA(SelfTraining):
         return supervised_infonce(z[keep], y[keep], m.tau_pmc), keep
 
     def _pix(self, tp: TargetPass, y_mix: Tensor) -> Tensor:
-        """Pixel contrast between the student's (mixed) target view and a strong photometric view."""
+        """Pixel contrast between the student's (mixed) target view and a strong photometric view.
+
+        With `pix_strong_grad` false the strong view's forward runs without gradient: its embeddings
+        are a stop-gradient target and only the (mixed) view learns from the term — one backward pass
+        less per step.
+        """
         m = self.lcfg
         z_weak = pixel_rows(tp.student_out["embed"])
-        z_strong = pixel_rows(self.forward_student(strong_view(tp.images, m.pix_irrg_prob))["embed"])
+        with torch.set_grad_enabled(m.pix_strong_grad and torch.is_grad_enabled()):
+            z_strong = pixel_rows(self.forward_student(strong_view(tp.images, m.pix_irrg_prob))["embed"])
         n = z_weak.shape[0]
         idx = torch.randperm(n, device=z_weak.device)[: m.pix_pixels]
         return pixel_view_contrast(z_weak[idx], z_strong[idx], y_mix[idx], m.tau_pix)

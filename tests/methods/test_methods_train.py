@@ -86,6 +86,44 @@ def test_ablation_switches_remove_terms(tmp_path: Path) -> None:
     assert not {"loss/pmc", "loss/pix", "loss/gmm_fwd"} & keys
 
 
+@pytest.mark.parametrize(
+    ("pix_strong_grad", "memory", "student_grad_passes", "teacher_passes"),
+    [("true", "teacher", 3, 2), ("false", "student", 2, 1)],
+)
+def test_lpcgma_cost_options_drop_a_backward_and_the_teacher_source_pass(
+    pix_strong_grad: str, memory: str, student_grad_passes: int, teacher_passes: int, tmp_path: Path
+) -> None:
+    cfg = tiny_config(
+        tmp_path,
+        "method.name=lpcgma",
+        *METHOD_EXTRAS["lpcgma"],
+        f"method.pix_strong_grad={pix_strong_grad}",
+        f"method.gmm_memory_features={memory}",
+    )
+    trainer = Trainer(cfg)
+    method = trainer.method
+    assert method.teacher is not None
+    student_calls: list[bool] = []
+    teacher_calls: list[bool] = []  # (the teacher's parameters never require gradients)
+    method.student.register_forward_pre_hook(lambda *_: student_calls.append(torch.is_grad_enabled()))
+    method.teacher.register_forward_pre_hook(lambda *_: teacher_calls.append(torch.is_grad_enabled()))
+    src_it, tgt_it = trainer._streams()
+    pushed = []
+    for _ in range(3):
+        student_calls.clear()
+        teacher_calls.clear()
+        logs = trainer.run_step(next(src_it), next(tgt_it))
+        trainer.step += 1
+        assert math.isfinite(float(logs["loss/pix"]))
+        # source, (mixed) target, strong view: all three with gradient, or the strong view without
+        assert student_calls.count(True) == student_grad_passes and len(student_calls) == 3
+        # the clean target's pseudo-labels, and (teacher memory) the source batch
+        assert len(teacher_calls) == teacher_passes
+        pushed.append(int(method.prototypes.count.sum()))
+    assert pushed[0] > 0 and pushed == sorted(pushed)  # the memory fills either way
+    assert bool(method.prototypes.fitted)
+
+
 class _CrashAfter(Callback):
     """Raises after the evaluation/checkpoint of `step`, as a killed process would stop."""
 
