@@ -23,7 +23,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from lpcgma.config import TrackingConfig
+from lpcgma.config import ConfigError, TrackingConfig
 
 if TYPE_CHECKING:
     from mlflow.tracking import MlflowClient
@@ -62,14 +62,34 @@ def local_store_uri(store_dir: str | Path | None = None, create: bool = True) ->
     return f"sqlite:///{store / DB_FILE}"
 
 
+def _is_file_store(uri: str) -> bool:
+    """A URI MLflow would open as its file store (``file:…`` or a plain path, e.g. ``./mlruns``)."""
+    if uri.startswith("file:"):
+        return True
+    return "://" not in uri and uri.split(":", 1)[0] not in ("databricks", "databricks-uc", "uc")
+
+
 def resolve_tracking_uri(cfg: TrackingConfig | None = None, explicit: str | None = None) -> str:
-    """The tracking URI to use: `explicit`, else the config's, else $MLFLOW_TRACKING_URI, else local."""
-    for candidate in (
-        explicit,
-        cfg.tracking_uri if cfg is not None else None,
-        os.environ.get("MLFLOW_TRACKING_URI"),
-    ):
+    """The tracking URI to use: `explicit`, else the config's, else $MLFLOW_TRACKING_URI, else local.
+
+    A file-store URI (``file:///…/mlruns`` or a plain path) is refused with a ConfigError naming
+    where it came from, before any run starts: MLflow 3 only opens file stores with
+    ``MLFLOW_ALLOW_FILE_STORE=true``, and its model registry needs a database.
+    """
+    sources = (
+        ("the --tracking-uri argument", explicit),
+        ("tracking.tracking_uri", cfg.tracking_uri if cfg is not None else None),
+        ("$MLFLOW_TRACKING_URI", os.environ.get("MLFLOW_TRACKING_URI")),
+    )
+    for source, candidate in sources:
         if candidate:
+            allowed = os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").lower() in ("1", "true")
+            if _is_file_store(candidate) and not allowed:
+                raise ConfigError(
+                    f"{source} = {candidate!r} is an MLflow file store, which MLflow 3 refuses (and whose "
+                    "registry cannot promote models): use a database, e.g. 'sqlite:///path/to/mlflow.db', "
+                    "or a server 'http://127.0.0.1:5000' (set MLFLOW_ALLOW_FILE_STORE=true to insist)"
+                )
             return candidate
     return local_store_uri()
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from lpcgma.config import TrackingConfig
+from lpcgma.config import ConfigError, TrackingConfig
 from lpcgma.tracking import store
 
 
@@ -15,6 +15,25 @@ def test_config_uri_wins_over_environment(monkeypatch: pytest.MonkeyPatch) -> No
     assert store.resolve_tracking_uri(TrackingConfig(tracking_uri="http://127.0.0.1:2")) == "http://127.0.0.1:2"
     assert store.resolve_tracking_uri(TrackingConfig()) == "http://127.0.0.1:1"
     assert store.resolve_tracking_uri(TrackingConfig(), explicit="sqlite:///x/mlflow.db") == "sqlite:///x/mlflow.db"
+
+
+@pytest.mark.parametrize("uri", ["file:///tmp/mlruns", "./mlruns", "mlruns"])
+def test_a_file_store_is_refused_naming_where_it_came_from(uri: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///ok/mlflow.db")
+    with pytest.raises(ConfigError, match=r"tracking\.tracking_uri = .*file store.*sqlite:///"):
+        store.resolve_tracking_uri(TrackingConfig(tracking_uri=uri))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    with pytest.raises(ConfigError, match=r"\$MLFLOW_TRACKING_URI"):
+        store.resolve_tracking_uri(TrackingConfig())
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow's own opt-in is respected
+    assert store.resolve_tracking_uri(TrackingConfig()) == uri
+
+
+@pytest.mark.parametrize("uri", ["sqlite:///x/mlflow.db", "http://127.0.0.1:5000", "databricks", "postgresql://h/db"])
+def test_database_server_and_hosted_uris_pass(uri: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+    assert store.resolve_tracking_uri(TrackingConfig(tracking_uri=uri)) == uri
 
 
 def test_default_is_the_checkout_mlflow_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
