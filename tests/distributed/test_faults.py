@@ -204,13 +204,21 @@ def test_driver_killed_with_sigkill_then_resume_finishes_with_one_run_per_trial(
         timeout=SEARCH_TIMEOUT,
     )
     assert r.returncode == 0, r.stdout[-5000:]
-    dirs = trial_dirs(exp)
-    assert len(dirs) == 3
+    # A trial Ray started in the instant before the SIGKILL, after its last experiment snapshot, is
+    # unknown to the restored search: its folder stays behind without results and a new trial takes
+    # its place; if it had opened its MLflow run, the search's end marks that run KILLED.
+    dirs = [d for d in trial_dirs(exp) if rows(d)]
+    orphans = [d.name.split("_")[2] for d in trial_dirs(exp) if not rows(d)]  # lpcgma_trial_<id>_…
+    assert len(dirs) == 3, ([d.name for d in dirs], orphans)
+    assert len(orphans) <= 1, orphans
     for trial, n in before.items():
         assert len(rows(exp / trial)) == n, f"finished trial {trial} was rerun"
-    runs = mlflow_trial_runs(db)
+    all_runs = mlflow_trial_runs(db)
+    orphan_runs = [x for x in all_runs if x.data.tags.get("ray.trial_id") in orphans]
+    assert all(x.info.status == "KILLED" for x in orphan_runs), [(x.info.status, x.data.tags) for x in orphan_runs]
+    runs = [x for x in all_runs if x not in orphan_runs]
     trial_ids = [x.data.tags.get("ray.trial_id") for x in runs]
-    assert len(runs) == 3 and len(set(trial_ids)) == 3, trial_ids
+    assert len(runs) == 3 and len(set(trial_ids)) == 3, (trial_ids, orphans)
     assert all(x.info.status == "FINISHED" for x in runs), [(x.info.status, x.data.tags) for x in runs]
     for x in runs:
         assert metric_steps(db, x.info.run_id, "loss/total") == list(range(1, 9))
