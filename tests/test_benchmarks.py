@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import math
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -109,3 +110,19 @@ def test_search_efficiency_replays_evaluations_by_time_and_counts_every_trials_i
     assert table_rows(out, "asha") == ["| asha | 2 | 300 | – | 10.0 | 30.0 | 30.0 |"]
     assert table_rows(out, "full") == ["| full | 2 | 400 | – | 5.0 | 15.0 | 40.0 |"]
     assert png.stat().st_size > 0
+
+
+def test_ddp_scaling_trains_each_setup_per_seed_and_compares_to_one_thread(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.syspath_prepend(str(BENCHMARKS))  # the 2 ranks import platform_overhead by name
+    rows = load("ddp_scaling").main(["--iters", "2", "--seeds", "3"])
+    out = capsys.readouterr().out
+    setups = ["1 process, 1 thread", "1 process, 2 threads", "2 ranks × 1 thread (gloo)"]
+    assert [r["setup"] for r in rows] == setups
+    assert rows[0]["speedup"] == pytest.approx(1.0)
+    for r in rows:
+        assert r["seed"] == 3 and 0 < float(r["train_s"]) < float(r["wall_s"])
+        assert 0.0 <= float(r["miou"]) <= 1.0 and math.isfinite(float(r["loss"]))
+        assert len(table_rows(out, str(r["setup"]))) == 1, out
+    assert "- 2 ranks × 1 thread (gloo): speed-up" in out
