@@ -101,4 +101,3 @@ def main(argv: list[str] | None = None) -> list[dict[str, float | str]]:
 
 if __name__ == "__main__":
     main()
-    sys.exit(0)

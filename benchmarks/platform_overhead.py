@@ -57,14 +57,14 @@ def trial_overrides(iters: int, out_dir: Path, batch: int, extra: Sequence[str] 
     ]
 
 
-def phases(run_dir: Path, t_start: float, t_end: float) -> tuple[float, float, float]:
+Phases = tuple[float, float, float]  # (start-up, training, teardown) seconds
+
+
+def phases(run_dir: Path, t_start: float, t_end: float) -> Phases:
     """(start-up, training, teardown) seconds of a run between wall-clock `t_start` and `t_end`."""
     started = (run_dir / "config.yaml").stat().st_mtime  # the first file the Trainer writes (fit start)
     newest = max(f.stat().st_mtime for f in run_dir.rglob("*") if f.is_file())
     return started - t_start, newest - started, t_end - newest
-
-
-Phases = tuple[float, float, float]
 
 
 def standalone(iters: int, out_dir: Path, extra: Sequence[str] = ()) -> tuple[float, Phases]:
