@@ -3,11 +3,15 @@
 #   1. batched EM vs sklearn (benchmarks/gmm_fit.py --device cuda),
 #   2. step cost per method at paper scale (ResNet-101, crop 512, bf16 autocast) with the host–device
 #      synchronisations counted (benchmarks/step_cost.py --device cuda),
-#   3. the methods tables (synthetic and the real-tile cross-sensor task, 3 seeds) trained N runs at a
+#   3. precision, memory format and torch.compile: self-training's and LPCGMA's step under bf16 (with the
+#      host–device synchronisations counted), channels_last, channels_last + torch.compile, float32 and
+#      float16 autocast (benchmarks/step_cost.py --set …),
+#   4. the methods tables (synthetic and the real-tile cross-sensor task, 3 seeds) trained N runs at a
 #      time (experiments/compare_methods.py --jobs), until the time budget is spent; finished runs
 #      keep their result.json, so a rerun (here or on another machine) picks up where this stopped.
 #
 #   OUT=gpu_out LOVEDA_ROOT=path/to/loveda_sample BUDGET_S=540 bash benchmarks/gpu_suite.sh
+#   SECTIONS="precision" BUDGET_S=500 bash benchmarks/gpu_suite.sh     # only some sections (em steps precision compare)
 #
 # Needs torch, torchvision, numpy, pillow, pyyaml, tqdm, scikit-learn (no Ray or MLflow: tracking is
 # off). Runs from the repository root without installing the package.
@@ -20,22 +24,44 @@ DEVICE=${DEVICE:-cuda}              # DEVICE=cpu STEP_ARGS="--backbone resnet18 
 STEP_ARGS=${STEP_ARGS:---backbone resnet101 --crop 512 --batch 2}
 read -r -a EXTRA <<< "${EXTRA:-}"
 RUNS=${RUNS:-runs/compare_gpu}
+SECTIONS=" ${SECTIONS:-em steps precision compare} "
 mkdir -p "$OUT"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 export RAY_USAGE_STATS_ENABLED=0 MLFLOW_DISABLE_TELEMETRY=true
 start=$(date +%s)
 left() { echo $((start + BUDGET_S - $(date +%s))); }
+section() { [[ $SECTIONS == *" $1 "* ]]; }
 
 nvidia-smi -L 2>/dev/null || echo "no nvidia-smi"
 python3 -c "import sys, torch; print(sys.version.split()[0], torch.__version__, torch.cuda.get_device_name())"
 
-echo "## EM" | tee "$OUT/gmm_fit.md"
-for samples in 20000 100000; do
-  timeout 120 python3 benchmarks/gmm_fit.py --device "$DEVICE" --samples $samples --repeats $((samples > 50000 ? 3 : 5)) 2>&1 | tee -a "$OUT/gmm_fit.md"
-done
+if section em; then
+  echo "## EM" | tee "$OUT/gmm_fit.md"
+  for samples in 20000 100000; do
+    timeout 120 python3 benchmarks/gmm_fit.py --device "$DEVICE" --samples $samples --repeats $((samples > 50000 ? 3 : 5)) 2>&1 | tee -a "$OUT/gmm_fit.md"
+  done
+fi
 
-# shellcheck disable=SC2086
-timeout 240 python3 benchmarks/step_cost.py --device "$DEVICE" $STEP_ARGS --ablations --profile-steps 0 2>&1 | tee "$OUT/step_cost_r101.md"
+if section steps; then
+  # shellcheck disable=SC2086
+  timeout 240 python3 benchmarks/step_cost.py --device "$DEVICE" $STEP_ARGS --ablations --profile-steps 0 2>&1 | tee "$OUT/step_cost_r101.md"
+fi
+
+if section precision; then  # most telling first; each variant in one file, syncs counted under the default (bf16)
+  variants=("" "train.channels_last=true" "train.channels_last=true train.compile=true" "train.amp=false"
+            "train.amp_dtype=float16")
+  for i in "${!variants[@]}"; do
+    read -r -a sets <<< "${variants[$i]}"
+    set_args=(); for kv in "${sets[@]}"; do set_args+=(--set "$kv"); done
+    methods=(self_training lpcgma); syncs=0
+    if [ "$i" -eq 0 ]; then methods+=("lpcgma lean"); syncs=2; fi
+    t=$(( $(left) - 10 ))
+    if [ "$t" -lt 30 ]; then echo "no time left for variant '${variants[$i]}'"; break; fi
+    # shellcheck disable=SC2086
+    timeout --kill-after=5 "$t" python3 benchmarks/step_cost.py --device "$DEVICE" $STEP_ARGS --methods "${methods[@]}" \
+      --steps "${PRECISION_STEPS:-20}" --sync-steps $syncs --profile-steps 0 "${set_args[@]}" 2>&1 | grep -v Warning | tee "$OUT/precision_$i.md"
+  done
+fi
 
 synthetic=(data.crop_size=64 train.iters=200 data.synthetic_target_sensor=rgb
            method.gmm_warmup_iters=50 method.gmm_refit_every=50)
@@ -48,9 +74,11 @@ compare() {  # config, out table, overrides…: until the budget (less 20 s to p
   timeout --kill-after=5 "$t" python3 experiments/compare_methods.py --config "$config" --seeds 0 1 2 \
     --jobs "$JOBS" --runs-dir "$RUNS" --out "$OUT/$table" "$@" "${EXTRA[@]}" 2>&1 | tee -a "$OUT/compare.log" | grep -v Warning
 }
-compare synthetic methods_synthetic.md "${synthetic[@]}"
-compare loveda_sample methods_cross_sensor.md "${cross_sensor[@]}"
-compare synthetic ablation_synthetic.md --ablation "${synthetic[@]}"
-
-tar czf "$OUT/runs.tgz" $(find "$RUNS" -name result.json -o -name variant.json) 2>/dev/null
-echo "finished runs: $(find "$RUNS" -name result.json | wc -l); $(left) s of the budget left"
+if section compare; then
+  compare synthetic methods_synthetic.md "${synthetic[@]}"
+  compare loveda_sample methods_cross_sensor.md "${cross_sensor[@]}"
+  compare synthetic ablation_synthetic.md --ablation "${synthetic[@]}"
+  tar czf "$OUT/runs.tgz" $(find "$RUNS" -name result.json -o -name variant.json) 2>/dev/null
+  echo "finished runs: $(find "$RUNS" -name result.json | wc -l)"
+fi
+echo "$(left) s of the budget left"

@@ -2,14 +2,15 @@
 """Cost of one training step per method: time and peak memory of `Trainer.run_step`, same model and batch.
 
     OMP_NUM_THREADS=1 python benchmarks/step_cost.py [--backbone resnet18] [--crop 64] [--batch 2] \
-        [--warmup 3] [--steps 10] [--device cpu] [--ablations] [--profile-steps 3]
+        [--warmup 3] [--steps 10] [--device cpu] [--ablations] [--profile-steps 3] [--set KEY=VALUE ...]
 
 For each method (source_only, self_training, sdca, bida, lpcgma; with --ablations also LPCGMA with
 PIX, the Gaussian prototypes or PMC switched off) a fresh Python process builds the trainer on the
 synthetic benchmark (`synthetic` config: model, crop, batch from the flags, tracking off), runs the
 method's preparation pass (SDCA's statistics: one batch), then `--warmup` steps and `--steps` timed
 steps of `Trainer.run_step` on the trainer's own source/target streams (drawing a batch is not
-timed). Reported per method: the median step time (process CPU time, the fair clock on a shared
+timed); `--set` overrides apply to every method (precision, memory format, torch.compile: the
+GPU study of BENCHMARKS.md). Reported per method: the median step time (process CPU time, the fair clock on a shared
 machine with one thread, and wall time; on CUDA wall time after a synchronize) with its min–max, and
 the peak memory of a step:
 
@@ -187,6 +188,7 @@ def build_config(method: str, args: argparse.Namespace, out_dir: Path) -> Any:
         "tracking.enabled=false",
         f"train.out_dir={out_dir}",
         *extra,
+        *args.set,
     ]
     if name == "lpcgma":
         overrides.append(f"method.gmm_warmup_iters={max(1, args.warmup)}")
@@ -399,7 +401,8 @@ def report(
     print(
         f"\n## Step cost: {args.backbone} (student {r0['params_m']:.1f} M params), crop {args.crop}, "
         f"batch {args.batch} + {args.batch}, {args.device}, {r0['threads']} thread(s); median of {args.steps} "
-        f"steps after {args.warmup} warm-up steps; one process per method\n"
+        f"steps after {args.warmup} warm-up steps; one process per method"
+        f"{'; ' + ' '.join(args.set) if args.set else ''}\n"
     )
     clock_name = "CPU" if clock == "cpu_s" else "wall"
     print(
@@ -459,6 +462,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--tiles", type=int, default=8, help="synthetic tiles per domain and split")
     p.add_argument("--profile-steps", type=int, default=3, help="LPCGMA steps to profile (0 = no profile)")
     p.add_argument("--top-ops", type=int, default=15, help="operators listed in the profile")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a config override for every method, e.g. train.amp=false (repeatable)")  # fmt: skip
     p.add_argument("--in-process", action="store_true",
                    help="measure every method in this process (fast; memory figures then mix): for tests")  # fmt: skip
     p.add_argument("--worker", choices=sorted(ALL), help=argparse.SUPPRESS)

@@ -88,6 +88,10 @@ class TrainConfig:
     seed: int = 0  # seeds torch, python and the data stream
     device: str = "auto"  # auto|cpu|cuda
     amp: bool = True  # mixed precision (GPU only; ignored on CPU)
+    amp_dtype: Literal["bfloat16", "float16"] = "bfloat16"  # autocast dtype (bfloat16 → float16 where unsupported;
+    # float16 adds a gradient scaler)
+    channels_last: bool = False  # NHWC memory format for the networks and image batches
+    compile: bool = False  # torch.compile the student's forward (the first steps pay the compilation)
     eval_window: int = 512  # sliding-window size for whole-tile inference
     eval_stride: int = 384  # sliding-window stride
     out_dir: str = "runs/default"  # run folder: checkpoints, metrics.jsonl, config.yaml

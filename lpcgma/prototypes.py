@@ -87,6 +87,15 @@ class GaussianPrototypes(nn.Module):
         self.register_buffer("log_weights", torch.full((c, k), float("-inf")))
         self.register_buffer("active", torch.zeros(c, k, dtype=torch.bool))
         self.register_buffer("fitted", torch.tensor(False))
+        self._fitted_host = False  # `fitted` mirrored on the host once True: no device read per step
+        self.register_load_state_dict_post_hook(lambda module, _keys: setattr(module, "_fitted_host", False))
+
+    @property
+    def is_fitted(self) -> bool:
+        """Whether a GMM has been fitted; reads the device flag (a host–device sync) only until it is True."""
+        if not self._fitted_host:
+            self._fitted_host = bool(self.fitted)
+        return self._fitted_host
 
     # ------------------------------------------------------------------------------------ memory
     def memory_valid(self) -> Tensor:
@@ -148,10 +157,11 @@ class GaussianPrototypes(nn.Module):
         Warm-started from the current GMM once fitted (k-means++ the first time, and for classes
         whose number of active components changed). Returns the new parameters.
         """
-        init = self.params() if bool(self.fitted) else None
+        init = self.params() if self.is_fitted else None
         p = batched_em(self.memory, self.memory_valid(), self.k, iters, self.var_floor, init, generator)
         self._set_params(p)
         self.fitted.fill_(True)
+        self._fitted_host = True
         return self.params()
 
     @torch.no_grad()

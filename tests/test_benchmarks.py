@@ -46,6 +46,19 @@ def test_step_cost_prints_a_row_per_method_and_the_lpcgma_profile(capsys: pytest
     assert lpcgma.methods.lpcgma.forward_alignment_loss is lpcgma.losses.gmm.forward_alignment_loss
 
 
+def test_step_cost_set_overrides_reach_every_method(tmp_path: Path) -> None:
+    from lpcgma.config import ConfigError
+
+    step_cost = load("step_cost")
+    args = step_cost.parse_args(["--set", "train.channels_last=true", "--set", "train.amp_dtype=float16"])
+    for method in ("self_training", "lpcgma lean"):
+        cfg = step_cost.build_config(method, args, tmp_path)
+        assert cfg.train.channels_last and cfg.train.amp_dtype == "float16"
+    assert step_cost.build_config("lpcgma lean", args, tmp_path).method.gmm_memory_features == "student"
+    with pytest.raises(ConfigError, match="train.chanels_last"):
+        step_cost.build_config("lpcgma", step_cost.parse_args(["--set", "train.chanels_last=true"]), tmp_path)
+
+
 def test_gmm_fit_prints_the_comparison_the_profile_and_the_gemm_probe(capsys: pytest.CaptureFixture[str]) -> None:
     gmm_fit = load("gmm_fit")
     args = "--classes 2 --samples 64 --dim 4 --k 2 --iters 2 --repeats 1 --profile"

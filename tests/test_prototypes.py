@@ -172,9 +172,17 @@ def test_state_dict_round_trip() -> None:
     state = protos.state_dict()
     assert set(state) == {"memory", "count", "ptr", "means", "variances", "log_weights", "active", "fitted"}
     clone = GaussianPrototypes(num_classes=3, dim=4, k=2, memory_per_class=16)
+    assert not clone.is_fitted
     clone.load_state_dict(state)
+    assert clone.is_fitted  # the host mirror of `fitted` follows a loaded state
     for key, v in clone.state_dict().items():
         assert torch.equal(v, state[key])
+    unfitted = GaussianPrototypes(num_classes=3, dim=4, k=2, memory_per_class=16).state_dict()
+    reloaded = GaussianPrototypes(num_classes=3, dim=4, k=2, memory_per_class=16)
+    reloaded.load_state_dict(state)
+    assert reloaded.is_fitted
+    reloaded.load_state_dict(unfitted)
+    assert not reloaded.is_fitted  # …also back to unfitted
     a = protos.refit(iters=2, generator=torch.Generator().manual_seed(1))
     b = clone.refit(iters=2, generator=torch.Generator().manual_seed(1))
     for x, y in zip(a, b, strict=True):

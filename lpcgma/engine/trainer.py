@@ -17,7 +17,7 @@ import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol, cast, runtime_checkable
 
 import torch
 from torch import Tensor
@@ -204,6 +204,11 @@ class Trainer:
         self.data = data or build_datasets(cfg.data)
         self.class_names = list(self.data.classes.names)
         self.method: Method = build_method(cfg, self.class_names).to(self.device)
+        self.memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
+        if cfg.train.channels_last:
+            self.method.to(memory_format=self.memory_format)
+        if cfg.train.compile:
+            self.method.set_student_forward(cast(torch.nn.Module, torch.compile(self.method.student)))
         self.selection = selection_criterion(cfg)
         self.optimizer = self._build_optimizer()
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -216,7 +221,8 @@ class Trainer:
         self.best_step = -1
         self.eval_transform = EvalTransform(self.data.mean, self.data.std)
         self.use_amp = cfg.train.amp and self.device.type == "cuda"
-        self.amp_dtype = torch.bfloat16 if self.use_amp and torch.cuda.is_bf16_supported() else torch.float16
+        bf16 = cfg.train.amp_dtype == "bfloat16" and (not self.use_amp or torch.cuda.is_bf16_supported())
+        self.amp_dtype = torch.bfloat16 if bf16 else torch.float16
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp and self.amp_dtype == torch.float16)
 
     # ------------------------------------------------------------------------------------ setup
@@ -318,11 +324,18 @@ class Trainer:
         self.method.prepare(device_batches, len(self.data.source_train))  # type: ignore[arg-type]
 
     # ------------------------------------------------------------------------------------- step
+    def _to_device(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        """A batch on the device; images ([B, C, H, W]) in the networks' memory format."""
+        out = {}
+        for k, v in batch.items():
+            fmt = self.memory_format if v.dim() == 4 else torch.preserve_format
+            out[k] = v.to(self.device, non_blocking=True, memory_format=fmt)
+        return out
+
     def run_step(self, source: dict[str, Tensor], target: dict[str, Tensor]) -> dict[str, Tensor]:
         """One optimisation step; returns the method's logs (tensors, no host sync)."""
         self.method.train()
-        source = {k: v.to(self.device, non_blocking=True) for k, v in source.items()}
-        target = {k: v.to(self.device, non_blocking=True) for k, v in target.items()}
+        source, target = self._to_device(source), self._to_device(target)
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.use_amp):
             out = self.method.train_step(source, target, self.step)
         self.optimizer.zero_grad(set_to_none=True)

@@ -93,12 +93,12 @@ class LPCGMA(SelfTraining):
                 z_memory = z_src.detach()
             self.prototypes.push(z_memory, y_src)
             if step + 1 >= m.gmm_warmup_iters and (
-                not bool(self.prototypes.fitted) or (step + 1 - m.gmm_warmup_iters) % m.gmm_refit_every == 0
+                not self.prototypes.is_fitted or (step + 1 - m.gmm_warmup_iters) % m.gmm_refit_every == 0
             ):
                 # the same generator on every rank: identical memory → identical fit
                 seed = self.cfg.train.seed * 1_000_003 + step
                 self.prototypes.refit(m.gmm_em_iters, torch.Generator(device=z_src.device).manual_seed(seed))
-        if m.use_gmm_forward and m.lambda_fwd > 0 and step >= m.gmm_warmup_iters and bool(self.prototypes.fitted):
+        if m.use_gmm_forward and m.lambda_fwd > 0 and step >= m.gmm_warmup_iters and self.prototypes.is_fitted:
             target_only = tp.mix_mask is None
             q_fwd = q_mix if target_only else torch.where(self._pasted(tp, size), torch.zeros_like(q_mix), q_mix)
             l_fwd = forward_alignment_loss(
@@ -120,7 +120,7 @@ class LPCGMA(SelfTraining):
     def after_step(self, step: int) -> None:
         super().after_step(step)
         m = self.lcfg
-        if m.use_gmm_reverse and step >= m.gmm_warmup_iters and bool(self.prototypes.fitted) and self._last:
+        if m.use_gmm_reverse and step >= m.gmm_warmup_iters and self.prototypes.is_fitted and self._last:
             self.prototypes.reverse_update(
                 self._last["z_tgt"], self._last["y_tgt"], self._last["q_tgt"], m.rev_threshold, m.rev_momentum
             )
@@ -174,7 +174,7 @@ class LPCGMA(SelfTraining):
         keep = anchor_keep_probs(self.class_freq, m.base_rate, m.minority_boost).cpu().tolist()
         for name, p in zip(self.class_names, keep, strict=True):
             out[f"diag/keep_rate/{name}"] = float(p)
-        if self._last and bool(self.prototypes.fitted):
+        if self._last and self.prototypes.is_fitted:
             last = self._last
             reliable = last["q_tgt"] >= m.fwd_threshold
             y_tgt = torch.where(reliable, last["y_tgt"], torch.full_like(last["y_tgt"], IGNORE_INDEX))

@@ -1,0 +1,54 @@
+"""The trainer's speed options (`train.channels_last`, `train.compile`, `train.amp_dtype`) change how a
+step runs, not what it computes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from test_methods_train import METHOD_EXTRAS, tiny_config
+
+from lpcgma.config import ConfigError
+from lpcgma.engine.trainer import Trainer
+
+
+def first_steps(tmp_path: Path, *extra: str, steps: int = 2) -> tuple[Trainer, list[float]]:
+    """An LPCGMA trainer and its first `steps` total losses (every term on from step 0)."""
+    cfg = tiny_config(tmp_path, "method.name=lpcgma", *METHOD_EXTRAS["lpcgma"], "method.gmm_warmup_iters=0", *extra)
+    trainer = Trainer(cfg)
+    src, tgt = trainer._streams()
+    losses = []
+    for _ in range(steps):
+        logs = trainer.run_step(next(src), next(tgt))
+        losses.append(float(logs["loss/total"]))
+        trainer.step += 1
+    return trainer, losses
+
+
+def test_channels_last_converts_the_networks_and_gives_the_same_losses(tmp_path: Path) -> None:
+    _, reference = first_steps(tmp_path / "nchw")
+    trainer, losses = first_steps(tmp_path / "nhwc", "train.channels_last=true")
+    convs = [m for m in trainer.method.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs and all(c.weight.is_contiguous(memory_format=torch.channels_last) for c in convs)
+    batch = trainer._to_device(next(trainer._streams()[0]))
+    assert batch["image"].is_contiguous(memory_format=torch.channels_last)
+    assert batch["mask"].dim() == 3  # masks keep their layout
+    assert losses == pytest.approx(reference, rel=1e-4)
+
+
+@pytest.mark.slow
+def test_compiled_student_gives_the_same_losses(tmp_path: Path) -> None:
+    _, reference = first_steps(tmp_path / "eager")
+    trainer, losses = first_steps(tmp_path / "compiled", "train.compile=true")
+    assert trainer.method._student_forward[0] is not trainer.method.student  # forward goes through the compiled module
+    assert losses == pytest.approx(reference, rel=1e-4)
+
+
+def test_amp_dtype_is_checked_and_chosen(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"train\.amp_dtype.*float8.*bfloat16"):
+        tiny_config(tmp_path, "train.amp_dtype=float8")
+    cfg = tiny_config(tmp_path, "method.name=source_only", "train.amp_dtype=float16")
+    trainer = Trainer(cfg)
+    assert trainer.amp_dtype == torch.float16
+    assert not trainer.use_amp and not trainer.scaler.is_enabled()  # on a CPU autocast stays off
