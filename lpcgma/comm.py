@@ -50,6 +50,18 @@ def broadcast_(t: Tensor, src: int = 0) -> Tensor:
     return t
 
 
+def all_gather_stack(t: Tensor) -> Tensor:
+    """Every rank's `t` (the same shape on all ranks) stacked along a new dim 0 in rank order: [W, ...].
+
+    No size exchange, so no host–device synchronisation. Returns `t[None]` when not distributed.
+    """
+    if not is_distributed() or world_size() == 1:
+        return t[None]
+    parts = [torch.empty_like(t) for _ in range(world_size())]
+    dist.all_gather(parts, t.contiguous())
+    return torch.stack(parts)
+
+
 def all_gather_cat(t: Tensor) -> Tensor:
     """Concatenate every rank's `t` along dim 0, in rank order; leading sizes may differ per rank.
 
@@ -119,6 +131,7 @@ def average_gradients(params: Iterable[torch.nn.Parameter]) -> None:
 
 __all__ = [
     "all_gather_cat",
+    "all_gather_stack",
     "all_reduce_mean_",
     "all_reduce_sum_",
     "average_gradients",

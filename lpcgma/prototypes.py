@@ -113,26 +113,35 @@ class GaussianPrototypes(nn.Module):
         """
         z = z.detach().reshape(-1, self.dim).to(self.memory.dtype)
         y = labels.reshape(-1).to(device=z.device, dtype=torch.long)
-        c = self.num_classes
+        c, p = self.num_classes, self.push_per_class
         valid = (y >= 0) & (y < c)
         perm = torch.randperm(y.numel(), generator=generator, device=y.device)
         grouped = torch.where(valid, y, torch.full_like(y, c))[perm]  # invalid → an extra class C
         order, rank, _ = _rank_within_class(grouped, c + 1)
-        take = perm[order][(rank < self.push_per_class) & (grouped[order] < c)]
-        z_new, y_new = z[take], y[take]
-        if comm.is_distributed():
-            z_new, y_new = comm.all_gather_cat(z_new), comm.all_gather_cat(y_new)
-        self._write(z_new, y_new)
+        rows, cls = perm[order], grouped[order]  # input rows grouped by class, in random order within one
+        keep = (rank < p) & (cls < c)
+        # the picked rows as a fixed-size [C, P] table (−1 = none): no data-dependent shape, so no host
+        # sync; the rows not picked all go to one spare cell, dropped afterwards
+        cell = torch.where(keep, cls * p + rank, torch.full_like(rank, c * p))
+        table = torch.full((c * p + 1,), -1, dtype=torch.long, device=y.device)
+        table = table.scatter_(0, cell, torch.where(keep, rows, torch.full_like(rows, -1)))[: c * p].view(c, p)
+        picked, exists = z[table.clamp(min=0)], table >= 0  # [C, P, D], [C, P]
+        if comm.is_distributed():  # every rank's table, in rank order within each class
+            picked = comm.all_gather_stack(picked).transpose(0, 1).reshape(c, -1, self.dim)
+            exists = comm.all_gather_stack(exists).transpose(0, 1).reshape(c, -1)
+        self._write(picked, exists)
 
-    def _write(self, z: Tensor, y: Tensor) -> None:
-        """Ring-write rows `z` of classes `y` (all valid) in their given order; at most M per class."""
-        m = self.memory_per_class
-        order, rank, counts = _rank_within_class(y, self.num_classes)
-        keep = rank < m
-        ys = y[order][keep]
-        slot = (self.ptr[ys] + rank[keep]) % m
-        self.memory[ys, slot] = z[order][keep]
-        written = counts.clamp(max=m)
+    def _write(self, z: Tensor, exists: Tensor) -> None:
+        """Ring-write, per class, the rows of `z` [C, S, D] where `exists` [C, S], in their order; at most
+        M per class. Fixed-size tensor operations only (no host–device synchronisation)."""
+        c, m = self.num_classes, self.memory_per_class
+        first = torch.argsort((~exists).to(torch.uint8), dim=1, stable=True)[:, :m]  # existing rows first
+        present = exists.gather(1, first)  # [C, S'] with S' = min(S, M)
+        rows = z.gather(1, first[..., None].expand(-1, -1, self.dim))
+        slot = (self.ptr[:, None] + torch.arange(first.shape[1], device=z.device)) % m  # distinct per class
+        cls = torch.arange(c, device=z.device)[:, None].expand_as(slot)
+        self.memory[cls, slot] = torch.where(present[..., None], rows, self.memory[cls, slot])
+        written = present.sum(dim=1)
         self.ptr.copy_((self.ptr + written) % m)
         self.count.copy_((self.count + written).clamp(max=m))
 

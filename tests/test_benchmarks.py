@@ -139,3 +139,13 @@ def test_ddp_scaling_trains_each_setup_per_seed_and_compares_to_one_thread(
         assert 0.0 <= float(r["miou"]) <= 1.0 and math.isfinite(float(r["loss"]))
         assert len(table_rows(out, str(r["setup"]))) == 1, out
     assert "- 2 ranks × 1 thread (gloo): speed-up" in out
+
+
+def test_ddp_scaling_without_the_single_thread_runs_compares_to_the_threaded_process(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    rows = load("ddp_scaling").main(["--iters", "1", "--seeds", "4", "--no-single-thread"])
+    assert [r["setup"] for r in rows] == ["1 process, 2 threads", "2 ranks × 1 thread (gloo)"]
+    assert rows[0]["speedup"] == pytest.approx(1.0) and float(rows[1]["speedup"]) > 0
+    assert "speed-up of training vs 1 process, 2 threads" in capsys.readouterr().out

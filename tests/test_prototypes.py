@@ -52,6 +52,67 @@ def test_push_subsamples_each_class_and_skips_ignored_pixels() -> None:
     assert protos.count.tolist() == [5, 3, 0] and protos.ptr.tolist() == [5, 3, 0]
 
 
+class SyncingOps(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the operators that read device data back to the host on CUDA (a host–device sync):
+    `.item()` / `bool()`, `nonzero`, `masked_select`, `unique`, and indexing with a boolean mask."""
+
+    NAMES = ("_local_scalar_dense", "nonzero", "masked_select", "unique", "item")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        name = func.__name__
+        bool_index = name.startswith("index") and any(
+            isinstance(i, torch.Tensor) and i.dtype == torch.bool
+            for a in args
+            if isinstance(a, (list, tuple))
+            for i in a
+        )
+        if bool_index or any(n in name for n in self.NAMES):
+            self.seen.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+def reference_push(protos: GaussianPrototypes, z: torch.Tensor, labels: torch.Tensor, g: torch.Generator) -> None:
+    """The earlier push (boolean selections: data-dependent shapes), the reference for the fixed-size one."""
+    c, m = protos.num_classes, protos.memory_per_class
+    y = labels.reshape(-1).long()
+    valid = (y >= 0) & (y < c)
+    perm = torch.randperm(y.numel(), generator=g)
+    grouped = torch.where(valid, y, torch.full_like(y, c))[perm]
+    order = torch.argsort(grouped, stable=True)
+    counts = torch.bincount(grouped, minlength=c + 1)
+    rank = torch.arange(y.numel()) - (torch.cumsum(counts, 0) - counts)[grouped[order]]
+    take = perm[order][(rank < protos.push_per_class) & (grouped[order] < c)]
+    for row in take.tolist():  # rows arrive grouped by class: plain ring writes in that order
+        k = int(y[row])
+        protos.memory[k, protos.ptr[k]] = z[row]
+        protos.ptr[k] = (protos.ptr[k] + 1) % m
+        protos.count[k] = min(int(protos.count[k]) + 1, m)
+
+
+def test_push_matches_the_boolean_selection_reference_and_never_syncs() -> None:
+    g = torch.Generator().manual_seed(3)
+    ours = GaussianPrototypes(num_classes=4, dim=3, k=1, memory_per_class=6, push_per_class=4)
+    ref = GaussianPrototypes(num_classes=4, dim=3, k=1, memory_per_class=6, push_per_class=4)
+    for step in range(5):  # rings wrap, classes appear and vanish, ignored pixels are skipped
+        z = torch.randn(40, 3, generator=g)
+        labels = torch.randint(0, 6, (40,), generator=g)
+        labels[labels >= 4] = 255
+        labels[labels == step % 4] = 255
+        with SyncingOps() as mode:
+            ours.push(z, labels, generator=torch.Generator().manual_seed(step))
+        assert mode.seen == []
+        reference_push(ref, z, labels, torch.Generator().manual_seed(step))
+        assert torch.equal(ours.count, ref.count) and torch.equal(ours.ptr, ref.ptr)
+        assert torch.equal(ours.memory, ref.memory)
+    with SyncingOps() as mode:  # the detector does see the reference's boolean selection
+        reference_push(ref, z, labels, torch.Generator().manual_seed(0))
+    assert mode.seen
+
+
 # ------------------------------------------------------------------------------------------- refit
 def test_refit_with_tiny_and_empty_classes_then_a_warm_refit() -> None:
     g = torch.Generator().manual_seed(0)
