@@ -320,7 +320,7 @@ class Trainer:
         if self.cfg.model.init_checkpoint:
             self.method.load_student(read_checkpoint(self.cfg.model.init_checkpoint, map_location="cpu")["method"])
         src_it, _ = self._streams()
-        device_batches = ({k: v.to(self.device) for k, v in b.items()} for b in src_it)
+        device_batches = (self._to_device(b) for b in src_it)
         self.method.prepare(device_batches, len(self.data.source_train))  # type: ignore[arg-type]
 
     # ------------------------------------------------------------------------------------- step
