@@ -6,12 +6,15 @@
 #   3. precision, memory format and torch.compile: self-training's and LPCGMA's step under bf16 (with the
 #      host–device synchronisations counted), channels_last, channels_last + torch.compile, float32 and
 #      float16 autocast (benchmarks/step_cost.py --set …),
-#   4. the methods tables (synthetic and the real-tile cross-sensor task, 3 seeds) trained N runs at a
+#   4. label-free model selection (issue 8): Ray-free random sweeps (experiments/selection_study.py
+#      --runner local, every trial to the end, the defaults first) on the real-tile cross-sensor task and
+#      on the synthetic benchmark at budgets where the models learn; analysed later with --experiment,
+#   5. the methods tables (synthetic and the real-tile cross-sensor task, 3 seeds) trained N runs at a
 #      time (experiments/compare_methods.py --jobs), until the time budget is spent; finished runs
 #      keep their result.json, so a rerun (here or on another machine) picks up where this stopped.
 #
 #   OUT=gpu_out LOVEDA_ROOT=path/to/loveda_sample BUDGET_S=540 bash benchmarks/gpu_suite.sh
-#   SECTIONS="precision" BUDGET_S=500 bash benchmarks/gpu_suite.sh     # only some sections (em steps precision compare)
+#   SECTIONS="precision" BUDGET_S=500 bash benchmarks/gpu_suite.sh     # only some sections (em steps precision compare selection)
 #
 # Needs torch, torchvision, numpy, pillow, pyyaml, tqdm, scikit-learn (no Ray or MLflow: tracking is
 # off). Runs from the repository root without installing the package.
@@ -24,7 +27,7 @@ DEVICE=${DEVICE:-cuda}              # DEVICE=cpu STEP_ARGS="--backbone resnet18 
 STEP_ARGS=${STEP_ARGS:---backbone resnet101 --crop 512 --batch 2}
 read -r -a EXTRA <<< "${EXTRA:-}"
 RUNS=${RUNS:-runs/compare_gpu}
-SECTIONS=" ${SECTIONS:-em steps precision compare} "
+SECTIONS=" ${SECTIONS:-em steps precision compare} "   # also: selection
 mkdir -p "$OUT"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 export RAY_USAGE_STATS_ENABLED=0 MLFLOW_DISABLE_TELEMETRY=true
@@ -61,6 +64,22 @@ if section precision; then  # most telling first; each variant in one file, sync
     timeout --kill-after=5 "$t" python3 benchmarks/step_cost.py --device "$DEVICE" $STEP_ARGS --methods "${methods[@]}" \
       --steps "${PRECISION_STEPS:-20}" --sync-steps $syncs --profile-steps 0 "${set_args[@]}" 2>&1 | grep -v Warning | tee "$OUT/precision_$i.md"
   done
+fi
+
+if section selection; then  # the real-tile sweep gets REAL_SHARE % of what is left, the synthetic one the rest
+  sweep() {  # name, budget_s, selection_study args…
+    local name=$1 budget=$2; shift 2
+    if [ "$budget" -lt 60 ]; then echo "no time left for sweep $name"; return; fi
+    timeout --kill-after=10 $((budget + 30)) python3 experiments/selection_study.py --run --runner local --no-analysis \
+      --jobs "${SWEEP_JOBS:-16}" --num-samples "${SWEEP_TRIALS:-16}" --storage "$RUNS" --name "$name" \
+      --budget-s "$budget" "$@" "${EXTRA[@]}" 2>&1 | grep -v Warning | tee -a "$OUT/selection.log"
+  }
+  sweep selection_cross_sensor $(( ($(left) - 40) * ${REAL_SHARE:-60} / 100 )) --config loveda_sample \
+    "data.root=$LOVEDA_ROOT" train.iters="${REAL_ITERS:-1500}" train.eval_every=250 train.checkpoint_every=250 \
+    method.gmm_warmup_iters=250 method.gmm_refit_every=250
+  sweep selection_synthetic $(( $(left) - 40 )) --config synthetic train.iters="${SYN_ITERS:-800}" \
+    train.eval_every=200 train.checkpoint_every=200 train.log_every=50 method.gmm_warmup_iters=100 method.gmm_refit_every=100
+  tar czf "$OUT/selection_runs.tgz" $(find "$RUNS"/selection_* -name result.json -o -name params.json -o -name sweep.json) 2>/dev/null
 fi
 
 synthetic=(data.crop_size=64 train.iters=200 data.synthetic_target_sensor=rgb

@@ -4,6 +4,7 @@
     python experiments/selection_study.py --experiment runs/tune/NAME --out results/selection  # a finished search
     python experiments/selection_study.py --run --num-samples 24 --out results/selection        # search, then analyse
     python experiments/selection_study.py --run --smoke-test --out /tmp/selection                # a tiny check
+    python experiments/selection_study.py --run --runner local --jobs 8 --config loveda_sample --out results/x  # no Ray
 
 For each criterion of `lpcgma.engine.label_free.CRITERIA` (target mIoU excepted: it is the truth),
 over the trials of a Tune search: Spearman's ρ and Kendall's τ between the criterion at each
@@ -19,7 +20,10 @@ per criterion) into ``--out``.
 synthetic LPCGMA search of ``experiments/tune_synthetic.py`` (same trial sizes and search space)
 with objective target_miou, random sampling (or TPE: ``--sampler tpe``) and no early stopping, so
 that every trial is compared at its last step. Positional ``key=value`` overrides go to its base
-config (e.g. ``train.iters=400``).
+config (e.g. ``train.iters=400``). ``--runner local`` runs the same study without Ray
+(`lpcgma.engine.sweep`: random points, the defaults first, ``--jobs`` trainings at a time, an
+optional ``--budget-s`` deadline; e.g. on a GPU machine with torch only), and ``--config`` /
+``--search-space`` pick another task (the synthetic demo's trial sizes apply to ``synthetic`` only).
 """
 
 from __future__ import annotations
@@ -67,12 +71,15 @@ class CriterionResult:
 
 
 # ---------------------------------------------------------------------------------------- reading
-def read_trials(experiment: str | Path) -> list[TrialPoint]:
-    """The last reported row of every trial of a local Tune experiment folder (``*/result.json``)."""
-    return [
-        TrialPoint(trial_id, int(rows[-1].get("step", -1)), rows[-1])
-        for trial_id, rows in read_trial_rows(experiment).items()
-    ]
+def read_trials(experiment: str | Path, step: int | None = None) -> list[TrialPoint]:
+    """Every trial of a local Tune experiment folder (``*/result.json``) at its last reported row, or
+    at its row of evaluation step `step` (trials that did not reach it are left out)."""
+    points = []
+    for trial_id, rows in read_trial_rows(experiment).items():
+        row = rows[-1] if step is None else next((r for r in rows if r.get("step") == step), None)
+        if row is not None:
+            points.append(TrialPoint(trial_id, int(row.get("step", -1)), row))
+    return points
 
 
 # ---------------------------------------------------------------------------------------- analysis
@@ -182,9 +189,12 @@ def plot(results: Sequence[CriterionResult], points: Sequence[TrialPoint], path:
     return path
 
 
-def write_study(experiment: str | Path, out: str | Path) -> tuple[Path, Path]:
-    """Analyse the search at `experiment`; write the markdown table and the plot into `out`."""
-    points = read_trials(experiment)
+def write_study(experiment: str | Path, out: str | Path, step: int | None = None) -> tuple[Path, Path]:
+    """Analyse the search at `experiment` (at evaluation `step`, default each trial's last); write the
+    markdown table and the plot into `out`."""
+    points = read_trials(experiment, step)
+    if not points:
+        raise SystemExit(f"no trial of '{experiment}' reported evaluation step {step}")
     results = analyse(points)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -222,6 +232,35 @@ def run_synthetic_search(args: argparse.Namespace) -> Path:
     return Path(outcome.experiment_path)
 
 
+def run_local_sweep(args: argparse.Namespace) -> Path:
+    """The same study without Ray: random points (the defaults first), every trial trained to the end."""
+    from lpcgma.engine.sweep import run_sweep
+
+    demo: Sequence[str] = ()
+    if args.config == "synthetic" and not args.smoke_test:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from tune_synthetic import DEMO_OVERRIDES
+
+        demo = DEMO_OVERRIDES
+    smoke = (
+        ("train.iters=4", "train.eval_every=2", "train.checkpoint_every=2", "data.crop_size=32")
+        if args.smoke_test
+        else ()
+    )
+    experiment = Path(args.storage) / (args.name or f"selection_study_{time.strftime('%Y%m%d-%H%M%S')}")
+    run_sweep(
+        args.config,
+        ["method.name=lpcgma", *demo, *smoke, *args.overrides],
+        args.search_space,
+        args.num_samples,
+        experiment,
+        seed=args.seed,
+        jobs=args.jobs,
+        budget_s=args.budget_s,
+    )
+    return experiment
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     source = p.add_mutually_exclusive_group(required=True)
@@ -235,10 +274,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0, help="--run: sampler seed")
     p.add_argument("--num-cpus", type=int, default=None, help="--run: CPUs for Ray (default: all)")
     p.add_argument("--smoke-test", action="store_true", help="--run: a few tiny trials")
+    p.add_argument("--step", type=int, default=None, help="compare trials at this evaluation step (default: last)")
+    p.add_argument("--no-analysis", action="store_true", help="--run: train only (analyse later with --experiment)")
+    p.add_argument("--runner", choices=["ray", "local"], default="ray", help="--run: Ray Tune or the Ray-free sweep")
+    p.add_argument("--config", default="synthetic", help="--run --runner local: base config (default: synthetic)")
+    p.add_argument(
+        "--search-space", default="synthetic", help="--run --runner local: search space (default: synthetic)"
+    )
+    p.add_argument("--jobs", type=int, default=1, help="--run --runner local: trainings at a time")
+    p.add_argument("--budget-s", type=float, default=None, help="--run --runner local: stop after this many seconds")
     p.add_argument("overrides", nargs="*", help="--run: base-config overrides, e.g. train.iters=400")
     args = p.parse_args(argv)
-    experiment = run_synthetic_search(args) if args.run else Path(args.experiment)
-    table, figure = write_study(experiment, args.out)
+    if not args.run:
+        experiment = Path(args.experiment)
+    elif args.runner == "local":
+        experiment = run_local_sweep(args)
+    else:
+        experiment = run_synthetic_search(args)
+    if args.no_analysis:
+        print(f"trained; analyse with --experiment {experiment}")
+        return 0
+    table, figure = write_study(experiment, args.out, args.step)
     print(table.read_text())
     print(f"wrote {table} and {figure}")
     return 0

@@ -39,7 +39,9 @@ class DataConfig:
     crop_size: int = 512  # training crop (pixels, square)
     batch_size: int = 2  # per domain and per worker: batch_size source + batch_size target
     num_workers: int = 2  # DataLoader worker processes
+    cache_tiles: bool = False  # keep decoded tiles in memory (each loader process its own copy): small datasets only
     scale_range: tuple[float, float] = (0.5, 2.0)  # random rescale range before cropping
+    eval_scale: float = 1.0  # test scale: tiles are resized by it before inference, predictions back to full size
     hflip: bool = True  # random horizontal/vertical flips and rot90
     photometric: bool = True  # random brightness/contrast/saturation jitter
     rcs_enabled: bool = False  # image-level rare-class sampling of source tiles (DAFormer RCS)
@@ -238,6 +240,7 @@ class ExperimentConfig:
         _check(self.data.num_workers >= 0, "data.num_workers", self.data.num_workers, ">= 0")
         lo, hi = self.data.scale_range
         _check(0 < lo <= hi, "data.scale_range", self.data.scale_range, "0 < low <= high")
+        _check(0 < self.data.eval_scale <= 4, "data.eval_scale", self.data.eval_scale, "a factor in (0, 4]")
         _check(self.data.rcs_temperature > 0, "data.rcs_temperature", self.data.rcs_temperature, "> 0")
         _check(self.model.proj_dim > 0, "model.proj_dim", self.model.proj_dim, "> 0")
         _check(0 <= self.model.ema_momentum < 1, "model.ema_momentum", self.model.ema_momentum, "in [0, 1)")

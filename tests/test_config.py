@@ -66,6 +66,7 @@ def test_key_of_another_method_is_refused() -> None:
         ("method.name=nope", "method.name.*expected one of"),
         ("model.backbone=vgg", "model.backbone.*expected one of"),
         ("data.scale_range=[2.0, 1.0]", "data.scale_range"),
+        ("data.eval_scale=0", "data.eval_scale"),
         ("model.pretrained=maybe", "model.pretrained.*true or false"),
     ],
 )

@@ -65,6 +65,9 @@ def test_study_reads_a_tune_experiment_and_writes_table_and_plot(tmp_path: Path)
     points = study.read_trials(exp)
     assert [p.trial_id for p in points] == [f"t{i}" for i in range(5)]
     assert all(p.step == 96 for p in points) and points[4].metrics["target_miou"] == 0.5
+    earlier = study.read_trials(exp, step=48)  # every trial at the same, earlier evaluation
+    assert [p.step for p in earlier] == [48] * 5 and {p.metrics["target_miou"] for p in earlier} == {0.0}
+    assert study.read_trials(exp, step=7) == []
     table, figure = study.write_study(exp, tmp_path / "out")
     text = table.read_text()
     assert "| criterion | metric | mode | trials | Spearman ρ |" in text

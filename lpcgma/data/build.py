@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from torch import Tensor
 from torch.utils.data import Dataset, Subset
 
 from lpcgma.config import ConfigError, DataConfig
@@ -97,7 +98,8 @@ def build_datasets(data_cfg: DataConfig) -> DomainData:
 
     def get(domain: str, split: str, is_target: bool) -> RawDataset:  # one instance (and cache) per set
         if (domain, split, is_target) not in opened:
-            opened[domain, split, is_target] = _open(c, domain, split, is_target, manifest, classes)
+            tiles = _open(c, domain, split, is_target, manifest, classes)
+            opened[domain, split, is_target] = CachedTiles(tiles) if c.cache_tiles else tiles
         return opened[domain, split, is_target]
 
     mean, std = MEAN_STD[family]
@@ -136,6 +138,33 @@ def _check_shard_splits(c: DataConfig, manifest: Manifest) -> None:
                 f"config key '{key}' = {value!r} is invalid: the shards at '{c.root}' hold no {split} tiles of "
                 f"domain {base!r} (they hold {manifest.describe()})"
             )
+
+
+class CachedTiles(Dataset[dict[str, Any]]):
+    """Decoded tiles kept in memory after their first read (``data.cache_tiles``).
+
+    For small datasets read many times (the 16-tile LoveDA sample, a few ISPRS patches): PNG decoding
+    and the sensor model then run once per tile, not once per crop. Each loader process holds its
+    own copy; every read returns fresh tensors, so transforms cannot alter the cache. Other
+    attributes are the wrapped dataset's.
+    """
+
+    def __init__(self, tiles: RawDataset) -> None:
+        self.tiles = tiles
+        self._cache: dict[int, dict[str, Any]] = {}
+
+    def __len__(self) -> int:
+        return len(self.tiles)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        if index not in self._cache:
+            self._cache[index] = self.tiles[index]
+        return {k: v.clone() if isinstance(v, Tensor) else v for k, v in self._cache[index].items()}
+
+    def __getattr__(self, name: str) -> Any:
+        if name in ("tiles", "_cache"):  # not set yet (e.g. while unpickling)
+            raise AttributeError(name)
+        return getattr(self.tiles, name)
 
 
 def _first(dataset: RawDataset, n: int) -> RawDataset:

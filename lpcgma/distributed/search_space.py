@@ -31,6 +31,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin, get_type_hints
 
+import numpy as np
 import yaml
 
 from lpcgma.config import (
@@ -76,6 +77,17 @@ class Param:
             return tune.randint(int(self.low), int(self.high) + 1)  # type: ignore[arg-type]  # inclusive high
         return tune.choice(list(self.values))
 
+    def sample(self, rng: np.random.Generator) -> Any:
+        """One value drawn from this distribution (Ray-free: the local sweep's sampler)."""
+        if self.type == "uniform":
+            return float(rng.uniform(float(self.low), float(self.high)))  # type: ignore[arg-type]
+        if self.type == "loguniform":
+            lo, hi = math.log(float(self.low)), math.log(float(self.high))  # type: ignore[arg-type]
+            return float(math.exp(rng.uniform(lo, hi)))
+        if self.type == "int":
+            return int(rng.integers(int(self.low), int(self.high) + 1))  # type: ignore[arg-type]  # inclusive high
+        return self.values[int(rng.integers(len(self.values)))]
+
     def contains(self, value: Any) -> bool:
         if self.type == "choice":
             return any(_same(value, v) for v in self.values)
@@ -99,6 +111,10 @@ class SearchSpace:
     def to_tune(self) -> dict[str, Any]:
         """``{dotted key: tune distribution}`` — the Tuner's flat ``param_space``."""
         return {p.key: p.to_tune() for p in self.params}
+
+    def sample(self, rng: np.random.Generator) -> dict[str, Any]:
+        """``{dotted key: value}``: one random point of the space (each key drawn independently)."""
+        return {p.key: p.sample(rng) for p in self.params}
 
     def __len__(self) -> int:
         return len(self.params)

@@ -50,15 +50,34 @@ def _window_starts(length: int, window: int, stride: int) -> list[int]:
     return starts
 
 
+def rescale_image(image: Tensor, scale: float) -> Tensor:
+    """A [3,H,W] image resized by `scale` (bilinear, antialiased when shrinking); unchanged at 1."""
+    if scale == 1.0:
+        return image
+    return F.interpolate(image[None], scale_factor=scale, mode="bilinear", align_corners=False, antialias=scale < 1)[0]
+
+
 @torch.no_grad()
 def sliding_window_logits(
-    predict: Callable[[Tensor], Tensor], image: Tensor, num_classes: int, window: int, stride: int, batch: int = 4
+    predict: Callable[[Tensor], Tensor],
+    image: Tensor,
+    num_classes: int,
+    window: int,
+    stride: int,
+    batch: int = 4,
+    scale: float = 1.0,
 ) -> Tensor:
-    """Class logits [C,H,W] of a whole tile [3,H,W]: overlapping windows, averaged softmax scores.
+    """Class scores [C,H,W] of a whole tile [3,H,W]: overlapping windows, averaged softmax scores.
 
     `predict` maps [N,3,h,w] → logits [N,C,h,w] at input size. Tiles smaller than the window are
-    padded (zeros in normalised space) and cropped back.
+    padded (zeros in normalised space) and cropped back. With `scale` ≠ 1 the tile is first resized
+    by `scale` (the test scale, e.g. the middle of a training `scale_range` below 1) and the scores
+    are resized back to H×W (bilinear), as mmsegmentation's test-time ``Resize`` does.
     """
+    if scale != 1.0:
+        _, h, w = image.shape
+        scores = sliding_window_logits(predict, rescale_image(image, scale), num_classes, window, stride, batch)
+        return F.interpolate(scores[None], size=(h, w), mode="bilinear", align_corners=False)[0]
     _, h, w = image.shape
     ph, pw = max(h, window), max(w, window)
     padded = F.pad(image, (0, pw - w, 0, ph - h)) if (ph, pw) != (h, w) else image
@@ -84,11 +103,12 @@ def evaluate(
     stride: int,
     device: torch.device,
     prefix: str = "target_",
+    scale: float = 1.0,
 ) -> tuple[dict[str, float], Tensor]:
-    """Metrics over whole tiles (normalised samples) and the confusion matrix."""
+    """Metrics over whole tiles (normalised samples, predicted at test scale `scale`) and the confusion matrix."""
     c = len(class_names)
     cm = torch.zeros((c, c), dtype=torch.long)
     for s in samples:
-        logits = sliding_window_logits(predict, s["image"].to(device), c, window, stride)
+        logits = sliding_window_logits(predict, s["image"].to(device), c, window, stride, scale=scale)
         cm += confusion_matrix(logits.argmax(0).cpu(), s["mask"], c)
     return metrics_from_confusion(cm, class_names, prefix), cm

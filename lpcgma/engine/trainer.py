@@ -36,7 +36,7 @@ from lpcgma.engine.checkpoint import (
     step_dir,
     write_checkpoint,
 )
-from lpcgma.engine.evaluate import confusion_matrix, metrics_from_confusion, sliding_window_logits
+from lpcgma.engine.evaluate import confusion_matrix, metrics_from_confusion, rescale_image, sliding_window_logits
 from lpcgma.engine.label_free import (
     CRITERIA,
     TARGET_LABEL_FREE,
@@ -395,9 +395,9 @@ class Trainer:
         for n, i in enumerate(indices):
             raw = dataset[i]
             sample = self.eval_transform(raw)
-            logits = sliding_window_logits(
-                self.predict, sample["image"].to(self.device), c, t.eval_window, t.eval_stride
-            )
+            image = sample["image"].to(self.device)
+            scale = self.cfg.data.eval_scale
+            logits = sliding_window_logits(self.predict, image, c, t.eval_window, t.eval_stride, scale=scale)
             pred = logits.argmax(0).cpu()
             cm += confusion_matrix(pred, sample["mask"], c)
             if n < num_previews:
@@ -409,9 +409,10 @@ class Trainer:
         """The criteria of `label_free.TARGET_LABEL_FREE` on unlabelled target tiles; no mask is used.
 
         `train.label_free_tiles` target_train tiles (a fixed subsample: the same in every run on the
-        same data) are centre-cropped to `train.eval_window`; the student predicts each crop and its
-        horizontal flip, the EMA teacher (if any) the crop: up to three forward passes per tile, at the
-        network's output resolution. SND uses `train.snd_pixels` of those pixels (fixed subsample).
+        same data) are resized to the test scale `data.eval_scale` and centre-cropped to
+        `train.eval_window`; the student predicts each crop and its horizontal flip, the EMA teacher (if
+        any) the crop: up to three forward passes per tile, at the network's output resolution. SND
+        uses `train.snd_pixels` of those pixels (fixed subsample).
         """
         self.method.eval()
         t = self.cfg.train
@@ -422,7 +423,7 @@ class Trainer:
         flipped: list[Tensor] = []
         taught: list[Tensor] = []
         for i in tiles.tolist():
-            image = self.eval_transform(self.data.target_train[i])["image"]
+            image = rescale_image(self.eval_transform(self.data.target_train[i])["image"], self.cfg.data.eval_scale)
             x = _centre_crop(image, t.eval_window)[None].to(self.device)
             with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.use_amp):
                 out = self.method.student(x)
@@ -458,7 +459,10 @@ class Trainer:
         def tiles() -> Iterator[tuple[int, Tensor]]:  # sliding_window_logits averages softmax scores
             for i in self._train_streams[1].shard.tolist():
                 image = self.eval_transform(self.data.target_train[i])["image"].to(self.device)
-                yield i, sliding_window_logits(lambda x: self.predict(x, net), image, c, t.eval_window, t.eval_stride)
+                scale = self.cfg.data.eval_scale
+                yield i, sliding_window_logits(
+                    lambda x: self.predict(x, net), image, c, t.eval_window, t.eval_stride, scale=scale
+                )
 
         self._offline_masks.update(self.method.make_offline_labels(tiles()))
 

@@ -281,6 +281,7 @@ def promote(
             "std": classes["std"],
             "window": w,
             "stride": cfg.train.eval_stride,
+            "scale": cfg.data.eval_scale,
             "input": "float32 [N, 3, window, window], (pixel 0-255 - mean) / std",
             "output": "class logits [N, C, window, window]",
             "metric": metric,
@@ -359,6 +360,7 @@ class Segmenter:
     std: Tensor
     window: int
     stride: int
+    scale: float = 1.0  # test scale: tiles are resized by it before the sliding window (data.eval_scale)
 
     def logits(self, crops: Tensor) -> Tensor:
         with torch.no_grad():
@@ -374,7 +376,9 @@ class Segmenter:
         elif x.shape[-1] in (3, 4) and x.shape[0] not in (3, 4):
             x = x[..., :3].permute(2, 0, 1)
         x = (x[:3].float() - self.mean[:, None, None]) / self.std[:, None, None]
-        logits = sliding_window_logits(self.logits, x, len(self.class_names), self.window, stride or self.stride)
+        logits = sliding_window_logits(
+            self.logits, x, len(self.class_names), self.window, stride or self.stride, scale=self.scale
+        )
         return logits.argmax(0).numpy().astype(np.uint8)
 
 
@@ -406,6 +410,7 @@ def load_segmenter(model_uri: str, tracking_uri: str | None = None) -> Segmenter
         std=torch.tensor(meta["std"], dtype=torch.float32),
         window=int(meta["window"]),
         stride=int(meta.get("stride") or meta["window"]),
+        scale=float(meta.get("scale", 1.0)),
     )
 
 

@@ -52,6 +52,34 @@ def test_loveda(tmp_path):
     assert data.classes == LOVEDA_CLASSES
 
 
+def test_cached_tiles_decode_each_tile_once_and_hand_out_copies(tmp_path, monkeypatch):
+    write_loveda_split(tmp_path, "Train", "Rural", ids=(0, 1, 2))
+    reads: list[int] = []
+    original = LoveDA.__getitem__
+
+    def counting(self, index):
+        reads.append(index)
+        return original(self, index)
+
+    monkeypatch.setattr(LoveDA, "__getitem__", counting)
+    cfg = DataConfig(
+        dataset="loveda", root=str(tmp_path), source_domain="rural", target_domain="rural_irrg",
+        target_train_split="train", target_eval_split="train", source_eval_split="train", cache_tiles=True,
+    )
+    data = build_datasets(cfg)
+    assert data.source_train.split == "train" and len(data.source_train) == 3  # attributes pass through
+    first = data.source_train[1]
+    first["image"].zero_()  # a transform writing in place must not reach the cache
+    again = data.source_train[1]
+    assert torch.equal(again["image"], original(data.source_train.tiles, 1)["image"])
+    assert again["image"].any() and again["name"] == first["name"]
+    irrg = [data.target_train[1]["image"] for _ in range(2)]  # the sensor model too runs once
+    assert torch.equal(irrg[0], irrg[1])
+    assert reads == [1, 1]  # one read for the RGB set, one for the IRRG set; none when served again
+    plain = build_datasets(DataConfig(**{**cfg.__dict__, "cache_tiles": False}))
+    assert torch.equal(plain.target_train[1]["image"], irrg[0])
+
+
 def test_loveda_errors(tmp_path):
     with pytest.raises(ConfigError, match="data.root"):
         build_datasets(DataConfig(dataset="loveda"))

@@ -62,3 +62,25 @@ def test_sliding_window_covers_tile_and_matches_full_image(h: int, w: int, windo
     out = sliding_window_logits(predict, image, 3, window, stride, batch=3)
     assert out.shape == (3, h, w)
     torch.testing.assert_close(out, predict(image[None])[0].softmax(0))
+
+
+def test_test_scale_predicts_the_resized_tile_and_returns_full_size_scores() -> None:
+    # left half class 0, right half class 2 (a per-pixel "network" reading the first band)
+    seen: list[tuple[int, int]] = []
+
+    def predict(x: torch.Tensor) -> torch.Tensor:
+        seen.extend([tuple(x.shape[-2:])] * x.shape[0])  # type: ignore[list-item]
+        return torch.cat([x[:, :1] * k for k in range(3)], dim=1) * 10
+
+    image = torch.ones(3, 128, 128)
+    image[:, :, :64] = -1.0
+    full = sliding_window_logits(predict, image, 3, 32, 32)
+    windows_at_full_scale = len(seen)
+    seen.clear()
+    half = sliding_window_logits(predict, image, 3, 32, 32, scale=0.5)
+    assert half.shape == full.shape == (3, 128, 128)
+    assert windows_at_full_scale == 16 and len(seen) == 4 and set(seen) == {(32, 32)}  # 64×64 after resizing
+    # away from the class boundary the prediction is unchanged; the scores still sum to one per pixel
+    assert torch.equal(half.argmax(0)[:, :60], full.argmax(0)[:, :60])
+    assert torch.equal(half.argmax(0)[:, 68:], full.argmax(0)[:, 68:])
+    torch.testing.assert_close(half.sum(0), torch.ones(128, 128))
