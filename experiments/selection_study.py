@@ -189,9 +189,40 @@ def plot(results: Sequence[CriterionResult], points: Sequence[TrialPoint], path:
     return path
 
 
+def common_steps(experiment: str | Path) -> list[int]:
+    """The evaluation steps every trial of `experiment` reported, in order."""
+    rows = read_trial_rows(experiment).values()
+    steps = [{int(r["step"]) for r in trial if "step" in r} for trial in rows]
+    return sorted(set.intersection(*steps)) if steps else []
+
+
+def stability(experiment: str | Path, truth: str = TRUTH) -> str:
+    """Markdown: each criterion's Spearman ρ at every evaluation all trials reached (is its ranking
+    stable along training?), with the best and worst trial's `truth` at each step."""
+    steps = common_steps(experiment)
+    per_step = {step: read_trials(experiment, step) for step in steps}
+    results = {step: {r.name: r for r in analyse(points, truth=truth)} for step, points in per_step.items()}
+    names = list(results[steps[0]]) if steps else []
+    lines = [
+        f"Spearman ρ with {truth} at each evaluation every trial reached (sign-adjusted; + = ranks like the truth):",
+        "",
+        "| criterion | " + " | ".join(f"step {s}" for s in steps) + " | positive at |",
+        "|---|" + "---|" * (len(steps) + 1),
+    ]
+    for name in names:
+        rhos = [results[s][name].spearman for s in steps]
+        positive = sum(1 for r in rhos if r > 0)
+        lines.append(f"| {name} | " + " | ".join(_num(r) for r in rhos) + f" | {positive} of {len(steps)} |")
+    for label, pick in (("best", max), ("worst", min)):
+        values = [pick(p.metrics[truth] for p in per_step[s] if _finite(p.metrics, truth)) for s in steps]
+        lines.append(f"| *{label} trial's {truth}* | " + " | ".join(_num(v) for v in values) + " | |")
+    return "\n".join(lines) + "\n"
+
+
 def write_study(experiment: str | Path, out: str | Path, step: int | None = None) -> tuple[Path, Path]:
     """Analyse the search at `experiment` (at evaluation `step`, default each trial's last); write the
-    markdown table and the plot into `out`."""
+    markdown table (with the criteria's ρ at every common evaluation when there are several) and the
+    plot into `out`."""
     points = read_trials(experiment, step)
     if not points:
         raise SystemExit(f"no trial of '{experiment}' reported evaluation step {step}")
@@ -199,7 +230,10 @@ def write_study(experiment: str | Path, out: str | Path, step: int | None = None
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     table = out / "selection_study.md"
-    table.write_text(markdown(results, points, str(experiment)))
+    text = markdown(results, points, str(experiment))
+    if len(common_steps(experiment)) > 1:
+        text += "\n" + stability(experiment)
+    table.write_text(text)
     return table, plot(results, points, out / "selection_study.png")
 
 

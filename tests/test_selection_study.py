@@ -68,11 +68,18 @@ def test_study_reads_a_tune_experiment_and_writes_table_and_plot(tmp_path: Path)
     earlier = study.read_trials(exp, step=48)  # every trial at the same, earlier evaluation
     assert [p.step for p in earlier] == [48] * 5 and {p.metrics["target_miou"] for p in earlier} == {0.0}
     assert study.read_trials(exp, step=7) == []
+    assert study.common_steps(exp) == [48, 96]
+    text = study.stability(exp)  # ρ per criterion at each common step
+    assert "| criterion | step 48 | step 96 | positive at |" in text
+    assert "| entropy | – | 1.000 | 1 of 2 |" in text  # step 48: every trial at 0 mIoU, no ranking
+    assert "| snd | – | -1.000 | 0 of 2 |" in text
+    assert "| *best trial's target_miou* | 0.000 | 0.500 | |" in text
     table, figure = study.write_study(exp, tmp_path / "out")
     text = table.read_text()
     assert "| criterion | metric | mode | trials | Spearman ρ |" in text
     assert text.index("| entropy |") < text.index("| snd |")  # best-correlated first
     assert "| entropy | target_entropy | min | 5 | 1.000 | 1.000 | t4 | 0.500 | 0.000 |" in text
     assert figure.stat().st_size > 1000
+    assert study.stability(exp) in text  # the stability table follows the main one
     with pytest.raises(FileNotFoundError, match="no trial results"):
         study.read_trials(tmp_path / "empty")
