@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -92,23 +92,3 @@ def sliding_window_logits(
             acc[:, y : y + window, x : x + window] += p
             count[:, y : y + window, x : x + window] += 1
     return (acc / count)[:, :h, :w]
-
-
-@torch.no_grad()
-def evaluate(
-    predict: Callable[[Tensor], Tensor],
-    samples: Iterable[dict[str, Tensor]],
-    class_names: Sequence[str],
-    window: int,
-    stride: int,
-    device: torch.device,
-    prefix: str = "target_",
-    scale: float = 1.0,
-) -> tuple[dict[str, float], Tensor]:
-    """Metrics over whole tiles (normalised samples, predicted at test scale `scale`) and the confusion matrix."""
-    c = len(class_names)
-    cm = torch.zeros((c, c), dtype=torch.long)
-    for s in samples:
-        logits = sliding_window_logits(predict, s["image"].to(device), c, window, stride, scale=scale)
-        cm += confusion_matrix(logits.argmax(0).cpu(), s["mask"], c)
-    return metrics_from_confusion(cm, class_names, prefix), cm
