@@ -83,3 +83,20 @@ def test_study_reads_a_tune_experiment_and_writes_table_and_plot(tmp_path: Path)
     assert study.stability(exp) in text  # the stability table follows the main one
     with pytest.raises(FileNotFoundError, match="no trial results"):
         study.read_trials(tmp_path / "empty")
+
+
+@pytest.mark.slow
+def test_the_ray_free_study_trains_a_sweep_and_analyses_it(tmp_path: Path) -> None:
+    out = tmp_path / "study"
+    code = study.main(
+        ["--run", "--runner", "local", "--smoke-test", "--num-samples", "2", "--storage", str(tmp_path / "runs"),
+         "--name", "tiny", "--out", str(out), "data.synthetic_tiles=4", "data.synthetic_tile_size=64",
+         "train.eval_window=64", "train.eval_stride=64", "train.label_free_tiles=2", "train.source_eval_tiles=2"]
+    )  # fmt: skip
+    assert code == 0
+    points = study.read_trials(tmp_path / "runs" / "tiny")
+    assert sorted(p.trial_id for p in points) == ["trial_000", "trial_001"] and {p.step for p in points} == {4}
+    text = (out / "selection_study.md").read_text()
+    assert "2 trials, each at its last evaluation (step 4)" in text and "| im | target_im | min | 2 |" in text
+    assert "| criterion | step 2 | step 4 | positive at |" in text
+    assert (out / "selection_study.png").stat().st_size > 1000
