@@ -64,6 +64,7 @@ class ModelConfig:
     proj_dim: int = 64  # D: projection-head embedding size (L2-normalised)
     aspp_dilations: tuple[int, ...] = (6, 12, 18, 24)  # DeepLabv2 ASPP branch dilations
     ema_momentum: float = 0.999  # EMA teacher momentum
+    bn_momentum: float = 0.1  # BatchNorm running-statistics momentum (lower: steadier eval statistics, small batches)
     init_checkpoint: str = ""  # start the student (and teacher) from this checkpoint folder, e.g. a source-only run
 
 
@@ -244,6 +245,7 @@ class ExperimentConfig:
         _check(self.data.rcs_temperature > 0, "data.rcs_temperature", self.data.rcs_temperature, "> 0")
         _check(self.model.proj_dim > 0, "model.proj_dim", self.model.proj_dim, "> 0")
         _check(0 <= self.model.ema_momentum < 1, "model.ema_momentum", self.model.ema_momentum, "in [0, 1)")
+        _check(0 < self.model.bn_momentum <= 1, "model.bn_momentum", self.model.bn_momentum, "in (0, 1]")
         _check(self.optim.lr > 0, "optim.lr", self.optim.lr, "> 0")
         _check(self.train.iters > 0, "train.iters", self.train.iters, "> 0")
         _check(self.train.eval_every > 0, "train.eval_every", self.train.eval_every, "> 0")

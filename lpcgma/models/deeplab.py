@@ -155,6 +155,15 @@ class SegmentationPredictor(nn.Module):
         return upsample_logits(self.model(x)["logits"], (x.shape[-2], x.shape[-1]))
 
 
+def set_bn_momentum(model: nn.Module, momentum: float) -> None:
+    """Every BatchNorm layer of `model` updates its running statistics with `momentum`."""
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.momentum = momentum
+
+
 def build_model(cfg: ModelConfig, num_classes: int) -> DeepLabV2:
     """The student network described by `cfg`."""
-    return DeepLabV2(num_classes, cfg.backbone, cfg.pretrained, cfg.proj_dim, cfg.aspp_dilations)
+    model = DeepLabV2(num_classes, cfg.backbone, cfg.pretrained, cfg.proj_dim, cfg.aspp_dilations)
+    set_bn_momentum(model, cfg.bn_momentum)
+    return model

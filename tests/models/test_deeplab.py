@@ -52,3 +52,21 @@ def test_ema_teacher_tracks_student() -> None:
     assert not any(p.requires_grad for p in teacher.parameters())
     teacher.train()
     assert not teacher.net.training
+
+
+@pytest.mark.parametrize("momentum", [0.1, 0.01])
+def test_bn_momentum_sets_how_far_one_batch_moves_the_running_statistics(momentum: float) -> None:
+    from lpcgma.config import ModelConfig
+    from lpcgma.models import build_model
+
+    model = build_model(ModelConfig(backbone="resnet18", pretrained=False, proj_dim=8, bn_momentum=momentum), 3)
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert bns and {m.momentum for m in bns} == {momentum}
+    stem_bn = model.stem[1]
+    before = stem_bn.running_mean.clone()
+    model.train()
+    with torch.no_grad():
+        x = torch.randn(2, 3, 32, 32) + 3.0
+        batch_mean = model.stem[0](x).mean(dim=(0, 2, 3))
+        model(x)
+    torch.testing.assert_close(stem_bn.running_mean, (1 - momentum) * before + momentum * batch_mean)
