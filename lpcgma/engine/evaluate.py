@@ -74,11 +74,10 @@ def sliding_window_logits(
     by `scale` (the test scale, e.g. the middle of a training `scale_range` below 1) and the scores
     are resized back to H×W (bilinear), as mmsegmentation's test-time ``Resize`` does.
     """
+    _, h, w = image.shape
     if scale != 1.0:
-        _, h, w = image.shape
         scores = sliding_window_logits(predict, rescale_image(image, scale), num_classes, window, stride, batch)
         return F.interpolate(scores[None], size=(h, w), mode="bilinear", align_corners=False)[0]
-    _, h, w = image.shape
     ph, pw = max(h, window), max(w, window)
     padded = F.pad(image, (0, pw - w, 0, ph - h)) if (ph, pw) != (h, w) else image
     acc = image.new_zeros((num_classes, ph, pw))

@@ -90,7 +90,13 @@ def trial_config(spec: TrialSpec, trial_dir: Path) -> ExperimentConfig:
     cfg = load_config(resolve_config_path(spec.config), list(spec.overrides))
     return replace(
         cfg,
-        {**spec.point, "train.out_dir": str(trial_dir), "tracking.enabled": False, "train.progress": False},
+        {
+            **spec.point,
+            "train.out_dir": str(trial_dir),
+            "train.resume": False,
+            "tracking.enabled": False,
+            "train.progress": False,
+        },
     )
 
 
@@ -113,7 +119,7 @@ def run_trial(spec: TrialSpec, out: Path, deadline: float | None = None, threads
     (trial_dir / PARAMS_FILE).write_text(json.dumps(spec.point, indent=1))
     status = "done"
     try:
-        Trainer(replace(cfg, {"train.resume": False}), [_ResultRows(result, spec.trial_id, deadline)]).fit()
+        Trainer(cfg, [_ResultRows(result, spec.trial_id, deadline)]).fit()
     except SweepDeadline:
         status = "deadline"
     rows = _rows(result)
