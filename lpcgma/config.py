@@ -106,6 +106,10 @@ class TrainConfig:
     label_free_tiles: int = 8  # fixed seeded target_train tiles (an eval_window crop each) for the criteria (0 = off)
     snd_pixels: int = 1024  # pixels of those crops (fixed seeded subsample) in the SND similarity matrix
     source_eval_tiles: int = 16  # fixed seeded data.source_eval_split tiles for source_miou (0 = off)
+    # precise BN: before each evaluation, BatchNorm running statistics are recomputed as the average
+    # over this many fixed training-augmented batches of each domain the student trains on (0 = off:
+    # the running averages of the last training batches; noisy with small batches)
+    precise_bn_batches: int = 0
 
 
 # ----------------------------------------------------------------------------------------- methods
@@ -254,6 +258,7 @@ class ExperimentConfig:
         _check(self.train.label_free_tiles >= 0, "train.label_free_tiles", self.train.label_free_tiles, ">= 0")
         _check(self.train.snd_pixels >= 2, "train.snd_pixels", self.train.snd_pixels, ">= 2")
         _check(self.train.source_eval_tiles >= 0, "train.source_eval_tiles", self.train.source_eval_tiles, ">= 0")
+        _check(self.train.precise_bn_batches >= 0, "train.precise_bn_batches", self.train.precise_bn_batches, ">= 0")
         _check(
             self.data.target_labels or self.method.name != "oracle",
             "method.name",

@@ -67,6 +67,7 @@ def test_key_of_another_method_is_refused() -> None:
         ("model.backbone=vgg", "model.backbone.*expected one of"),
         ("data.scale_range=[2.0, 1.0]", "data.scale_range"),
         ("data.eval_scale=0", "data.eval_scale"),
+        ("train.precise_bn_batches=-1", "train.precise_bn_batches.*>= 0"),
         ("model.pretrained=maybe", "model.pretrained.*true or false"),
     ],
 )

@@ -48,11 +48,13 @@ from lpcgma.engine.label_free import (
 from lpcgma.methods import METHODS, Method, build_method
 from lpcgma.methods.base import pixel_rows
 from lpcgma.models import upsample_logits
+from lpcgma.models.batchnorm import recompute_bn_stats
 
 SELECTION_METRIC = "target_miou"  # the default of train.select_by
 # Seed of the fixed evaluation subsamples (label-free target tiles, SND pixels, source tiles): the
 # same whatever train.seed, so that runs and trials on the same data are scored on the same pixels.
 EVAL_SUBSAMPLE_SEED = 0
+PRECISE_BN_SEED = 1_000_003  # the precise-BN streams' seeds: PRECISE_BN_SEED + domain index
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -235,32 +237,37 @@ class Trainer:
             return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
         return torch.optim.AdamW(groups, lr=o.lr, weight_decay=o.weight_decay)
 
+    def _stream(self, dataset: Any, seed: int, rcs_temperature: float | None = None) -> TrainStream:
+        """Training-augmented batches of `dataset` (this rank's shard), `data.batch_size` each."""
+        d = self.cfg.data
+        return TrainStream(
+            dataset,
+            TrainTransform(d.crop_size, d.scale_range, d.hflip, d.photometric, self.data.mean, self.data.std),
+            batch_size=d.batch_size,
+            seed=seed,
+            rank=self.rank,
+            world_size=self.world_size,
+            num_workers=d.num_workers,
+            rcs_temperature=rcs_temperature,
+        )
+
     @functools.cached_property
     def _train_streams(self) -> tuple[TrainStream, TrainStream]:
         """The source and target streams, built once (rare-class histograms are computed here)."""
         d, seed = self.cfg.data, self.cfg.train.seed
-        transform = TrainTransform(d.crop_size, d.scale_range, d.hflip, d.photometric, self.data.mean, self.data.std)
-        rcs = d.rcs_temperature if d.rcs_enabled else None
         target = self.data.target_train
         if self._offline_labels_from() is not None:
             target = _OfflineMasks(target, self._offline_masks)
-        src, tgt = (
-            TrainStream(
-                dataset,  # type: ignore[arg-type]
-                transform,
-                batch_size=d.batch_size,
-                seed=stream_seed,
-                rank=self.rank,
-                world_size=self.world_size,
-                num_workers=d.num_workers,
-                rcs_temperature=temperature,
-            )
-            for dataset, stream_seed, temperature in (
-                (self.data.source_train, seed * 2 + 1, rcs),
-                (target, seed * 2 + 2, None),
-            )
-        )
-        return src, tgt
+        rcs = d.rcs_temperature if d.rcs_enabled else None
+        return self._stream(self.data.source_train, seed * 2 + 1, rcs), self._stream(target, seed * 2 + 2)
+
+    @functools.cached_property
+    def _precise_bn_streams(self) -> list[TrainStream]:
+        """One stream per domain the student trains on, with seeds of their own (not the training
+        streams'), read from their first batch at every evaluation: the same crops each time."""
+        datasets = {"source": self.data.source_train, "target": self.data.target_train}
+        domains = self.method.student_domains
+        return [self._stream(datasets[d], PRECISE_BN_SEED + i) for i, d in enumerate(domains)]
 
     def _streams(self) -> tuple[Iterator[dict[str, Tensor]], Iterator[dict[str, Tensor]]]:
         """Batch iterators of both domains from the current step on."""
@@ -354,6 +361,30 @@ class Trainer:
         return logs
 
     # ------------------------------------------------------------------------------- evaluation
+    def precise_bn(self) -> int:
+        """Recompute the student's BatchNorm statistics over `train.precise_bn_batches` fixed batches
+        of each domain it trains on (interleaved; uniform tiles, no rare-class sampling) and give them
+        to the EMA teacher; returns the number of batches (0: off). Collective: every rank calls it."""
+        n = self.cfg.train.precise_bn_batches
+        if n == 0:
+            return 0
+        iterators = [stream.batches(0) for stream in self._precise_bn_streams]
+
+        def images() -> Iterator[Tensor]:
+            for _ in range(n):
+                for it in iterators:
+                    yield self._to_device(next(it))["image"]
+
+        try:
+            with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.use_amp):
+                count = recompute_bn_stats(self.method.student, images())
+        finally:
+            for it in iterators:
+                it.close()  # type: ignore[attr-defined]
+        if self.method.teacher is not None:
+            self.method.teacher.copy_buffers(self.method.student)
+        return count
+
     def predict(self, images: Tensor, net: torch.nn.Module | None = None) -> Tensor:
         """Student (or `net`) logits at input size for normalised images [N,3,H,W]."""
         net = self.method.student if net is None else net
@@ -539,6 +570,8 @@ class Trainer:
         confusion: Tensor | None = None
         previews: list[dict[str, Any]] = []
         is_best = False
+        if do_eval:
+            self.precise_bn()
         if do_eval and self.is_main:
             metrics, confusion, previews = self.evaluate(self.cfg.tracking.log_overlays)
             metric, mode = self.selection

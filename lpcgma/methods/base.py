@@ -37,6 +37,7 @@ class Method(nn.Module):
     """
 
     uses_teacher: bool = False
+    student_domains: tuple[str, ...] = ("source", "target")  # the domains whose images the student trains on
 
     def __init__(self, cfg: ExperimentConfig, class_names: Sequence[str]) -> None:
         super().__init__()

@@ -23,6 +23,7 @@ from torchvision.models import (
 )
 
 from lpcgma.config import ModelConfig
+from lpcgma.models.batchnorm import set_bn_momentum
 
 _BACKBONES = {
     "resnet18": (resnet18, ResNet18_Weights.IMAGENET1K_V1, 512),
@@ -153,13 +154,6 @@ class SegmentationPredictor(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return upsample_logits(self.model(x)["logits"], (x.shape[-2], x.shape[-1]))
-
-
-def set_bn_momentum(model: nn.Module, momentum: float) -> None:
-    """Every BatchNorm layer of `model` updates its running statistics with `momentum`."""
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.momentum = momentum
 
 
 def build_model(cfg: ModelConfig, num_classes: int) -> DeepLabV2:

@@ -35,6 +35,11 @@ class EMATeacher(nn.Module):
         s_params: list[torch.Tensor] = [p.detach() for p in student.parameters()]
         torch._foreach_mul_(t_params, m)
         torch._foreach_add_(t_params, s_params, alpha=1 - m)
+        self.copy_buffers(student)
+
+    @torch.no_grad()
+    def copy_buffers(self, student: nn.Module) -> None:
+        """The teacher's buffers (BatchNorm statistics) become the student's."""
         for tb, sb in zip(self.net.buffers(), student.buffers(), strict=True):
             tb.copy_(sb)
 
