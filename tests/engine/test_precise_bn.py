@@ -59,7 +59,7 @@ def test_training_is_unchanged_and_off_means_the_running_averages(tmp_path: Path
         return rows, trainer
 
     on, trainer_on = run("on", "train.precise_bn_batches=2")
-    off, trainer_off = run("off")
+    off, trainer_off = run("off", "train.precise_bn_batches=0")
     assert trainer_off.precise_bn() == 0
     losses = [[r["loss/total"] for r in rows if "loss/total" in r] for rows in (on, off)]
     assert losses[0] == losses[1] and len(losses[0]) == 2  # the same training batches and weights
