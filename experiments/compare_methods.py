@@ -20,15 +20,13 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import multiprocessing
-import os
 import statistics
 import time
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 from lpcgma.cli import load_cli_config
 from lpcgma.config import METHOD_CONFIGS, valid_keys
+from lpcgma.engine.processes import map_in_processes
 from lpcgma.engine.trainer import Trainer
 
 METHODS: dict[str, list[str]] = {
@@ -99,12 +97,6 @@ def run_variant(config: str, overrides: list[str], seed: int, out_dir: Path, tra
     return metrics
 
 
-def _limit_threads(threads: int) -> None:
-    import torch
-
-    torch.set_num_threads(threads)
-
-
 def table(results: dict[str, list[dict[str, float]]], class_names: list[str]) -> str:
     """Markdown: one row per variant, mIoU and per-class IoU as mean ± std (×100)."""
 
@@ -160,19 +152,9 @@ def main() -> None:
         print(f"{name:32s} seed {seed}: target mIoU {miou:.1f} ({metrics['wall_s']:.0f} s)", flush=True)
 
     results: dict[str, list[dict[str, float]]] = {}
-    if args.jobs == 1:
-        for name, seed, ovr in runs:
-            report(name, seed, run_variant(args.config, ovr, seed, run_dir(base, ovr, seed), args.track))
-    else:  # N runs at a time, each in its own process with its share of the CPU threads
-        threads = max(1, (os.cpu_count() or 1) // args.jobs)
-        ctx = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(args.jobs, ctx, initializer=_limit_threads, initargs=(threads,)) as pool:
-            futures = [
-                pool.submit(run_variant, args.config, ovr, seed, run_dir(base, ovr, seed), args.track)
-                for name, seed, ovr in runs
-            ]
-            for (name, seed, _), future in zip(runs, futures, strict=True):
-                report(name, seed, future.result())
+    calls = [(args.config, ovr, seed, run_dir(base, ovr, seed), args.track) for _, seed, ovr in runs]
+    for (name, seed, _), metrics in zip(runs, map_in_processes(run_variant, calls, args.jobs), strict=True):
+        report(name, seed, metrics)
     cfg = load_cli_config(args.config, [o for o in args.overrides if not o.startswith("method.")])
     from lpcgma.data.build import build_datasets
 

@@ -13,11 +13,8 @@ generator. Each trial writes ``<out>/<trial_id>/params.json`` (its point) and
 from __future__ import annotations
 
 import json
-import multiprocessing
-import os
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from lpcgma.config import ExperimentConfig, load_config, replace, resolve_config_path
+from lpcgma.engine.processes import map_in_processes
 from lpcgma.engine.trainer import Callback, EvalReport, Trainer
 
 RESULT_FILE = "result.json"
@@ -100,7 +98,7 @@ def trial_config(spec: TrialSpec, trial_dir: Path) -> ExperimentConfig:
     )
 
 
-def run_trial(spec: TrialSpec, out: Path, deadline: float | None = None, threads: int = 0) -> TrialOutcome:
+def run_trial(spec: TrialSpec, out: Path, deadline: float | None = None) -> TrialOutcome:
     """Train one trial to its end (or the deadline), writing its rows; a finished trial is read back."""
     trial_dir = out / spec.trial_id
     result = trial_dir / RESULT_FILE
@@ -110,10 +108,6 @@ def run_trial(spec: TrialSpec, out: Path, deadline: float | None = None, threads
         return TrialOutcome(spec.trial_id, "resumed", rows[-1])
     if deadline is not None and time.time() > deadline:
         return TrialOutcome(spec.trial_id, "skipped", {})
-    if threads:
-        import torch
-
-        torch.set_num_threads(threads)
     trial_dir.mkdir(parents=True, exist_ok=True)
     result.unlink(missing_ok=True)  # a partial trial restarts from scratch
     (trial_dir / PARAMS_FILE).write_text(json.dumps(spec.point, indent=1))
@@ -175,13 +169,6 @@ def run_sweep(
         shown = ", ".join(f"{k}={o.last[k]:.4f}" for k in ("step", "target_miou") if k in o.last)
         log(f"{o.trial_id}: {o.status} {shown}")
 
-    if jobs == 1:
-        for spec in specs:
-            report(run_trial(spec, out, deadline))
-        return outcomes
-    threads = max(1, (os.cpu_count() or 1) // jobs)
-    with ProcessPoolExecutor(jobs, multiprocessing.get_context("spawn")) as pool:
-        futures = [pool.submit(run_trial, spec, out, deadline, threads) for spec in specs]
-        for future in futures:
-            report(future.result())
+    for outcome in map_in_processes(run_trial, [(spec, out, deadline) for spec in specs], jobs):
+        report(outcome)
     return outcomes

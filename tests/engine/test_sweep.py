@@ -66,7 +66,7 @@ def test_param_draws_follow_their_distribution() -> None:
 def test_sweep_writes_tune_style_rows_resumes_and_respects_the_deadline(tmp_path: Path) -> None:
     out = tmp_path / "sweep"
     lines: list[str] = []
-    outcomes = run_sweep("synthetic", TINY, "synthetic", 2, out, seed=1, log=lines.append)
+    outcomes = run_sweep("synthetic", TINY, "synthetic", 2, out, seed=1, jobs=2, log=lines.append)  # at once
     assert [o.status for o in outcomes] == ["done", "done"]
     rows = read_trial_rows(out)  # what experiments/selection_study.py --experiment reads
     assert sorted(rows) == ["trial_000", "trial_001"]
