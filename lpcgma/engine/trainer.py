@@ -373,7 +373,7 @@ class Trainer:
         def images() -> Iterator[Tensor]:
             for _ in range(n):
                 for it in iterators:
-                    yield self._to_device(next(it))["image"]
+                    yield next(it)["image"].to(self.device, non_blocking=True, memory_format=self.memory_format)
 
         try:
             with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.use_amp):
