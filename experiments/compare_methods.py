@@ -8,7 +8,10 @@
 (each in its own process, e.g. on a GPU machine with many cores).
 
 Every run is a real `lpcgma.engine.trainer.Trainer` run (MLflow tracking off unless --track); the
-table holds mean ± std over seeds of the final target mIoU and per-class IoU (×100). A run's folder
+table holds mean ± std over seeds of the final target mIoU and per-class IoU (×100). With
+``source_stage.enabled=true`` (the two-stage protocol) every method of seed s starts from the source
+model of seed s (trained once, cached in ``<runs-dir>/source_models`` unless ``source_stage.store`` is
+set), and the table's first row is that source model itself. A run's folder
 is named by a hash of its overrides and seed, so identical runs are shared between tables (the
 ablation's self-training and full-LPCGMA runs are the methods table's); runs whose folder already
 holds a finished `result.json` are not trained again (resumable).
@@ -25,9 +28,12 @@ import time
 from pathlib import Path
 
 from lpcgma.cli import load_cli_config
-from lpcgma.config import METHOD_CONFIGS, valid_keys
+from lpcgma.config import METHOD_CONFIGS, ExperimentConfig, replace, valid_keys
 from lpcgma.engine.processes import map_in_processes
+from lpcgma.engine.source_stage import ensure_source_model, evaluate_source_model
 from lpcgma.engine.trainer import Trainer
+
+SOURCE_MODEL_ROW = "source model (stage 1)"
 
 METHODS: dict[str, list[str]] = {
     "source-only": ["method.name=source_only"],
@@ -97,6 +103,18 @@ def run_variant(config: str, overrides: list[str], seed: int, out_dir: Path, tra
     return metrics
 
 
+def source_model_rows(cfg: ExperimentConfig, seeds: list[int]) -> list[dict[str, float]]:
+    """The target metrics of each seed's shared source model (trained first when missing)."""
+    rows = []
+    for seed in seeds:
+        seeded = replace(cfg, {"train.seed": seed})
+        model = ensure_source_model(seeded)
+        metrics = {k: v for k, v in evaluate_source_model(seeded, model).items() if k.startswith("target_")}
+        print(f"{SOURCE_MODEL_ROW:32s} seed {seed}: target mIoU {100 * metrics['target_miou']:.1f} ({model.key})")
+        rows.append({**metrics, "wall_s": float(model.manifest.get("train_seconds", 0.0))})
+    return rows
+
+
 def table(results: dict[str, list[dict[str, float]]], class_names: list[str]) -> str:
     """Markdown: one row per variant, mIoU and per-class IoU as mean ± std (×100)."""
 
@@ -139,6 +157,11 @@ def main() -> None:
     if unused:
         p.error(f"no compared method has the option(s) {sorted(unused)}")
     base = Path(args.runs_dir) / Path(args.config).stem
+    common_cfg = load_cli_config(args.config, [o for o in args.overrides if not o.startswith("method.")])
+    if common_cfg.source_stage.enabled and not common_cfg.source_stage.store:
+        store = f"source_stage.store={(Path(args.runs_dir) / 'source_models').resolve()}"
+        args.overrides.append(store)
+        common_cfg = replace(common_cfg, dict([store.split("=", 1)]))
     runs: list[tuple[str, int, list[str]]] = []
     for name, overrides in variants.items():
         common, dropped = applicable(args.overrides, overrides)
@@ -152,13 +175,14 @@ def main() -> None:
         print(f"{name:32s} seed {seed}: target mIoU {miou:.1f} ({metrics['wall_s']:.0f} s)", flush=True)
 
     results: dict[str, list[dict[str, float]]] = {}
+    if common_cfg.source_stage.enabled:  # before the runs, so that parallel jobs find them in the store
+        results[SOURCE_MODEL_ROW] = source_model_rows(common_cfg, args.seeds)
     calls = [(args.config, ovr, seed, run_dir(base, ovr, seed), args.track) for _, seed, ovr in runs]
     for (name, seed, _), metrics in zip(runs, map_in_processes(run_variant, calls, args.jobs), strict=True):
         report(name, seed, metrics)
-    cfg = load_cli_config(args.config, [o for o in args.overrides if not o.startswith("method.")])
     from lpcgma.data.build import build_datasets
 
-    names = list(build_datasets(cfg.data).classes.names)
+    names = list(build_datasets(common_cfg.data).classes.names)
     md = table(results, names)
     cmd = "python experiments/compare_methods.py " + " ".join(
         [f"--config {args.config}", "--seeds " + " ".join(map(str, args.seeds))]

@@ -30,10 +30,22 @@ def _tracking_callbacks(cfg: ExperimentConfig) -> list:  # type: ignore[type-arg
     return [MLflowCallback(cfg)]
 
 
+def _source_stage_callbacks(stage: ExperimentConfig) -> list:  # type: ignore[type-arg]
+    from lpcgma.tracking.runs import source_stage_callbacks
+
+    return source_stage_callbacks(stage)  # type: ignore[return-value]
+
+
 def cmd_train(args: argparse.Namespace) -> int:
+    from lpcgma.engine.checkpoint import latest_checkpoint
+    from lpcgma.engine.source_stage import ensure_source_model
     from lpcgma.engine.trainer import Trainer
 
     cfg = load_cli_config(args.config, args.overrides)
+    resuming = args.resume_from or (cfg.train.resume and latest_checkpoint(Path(cfg.train.out_dir) / "checkpoints"))
+    if cfg.source_stage.enabled and not resuming:  # here, so that the source stage has its MLflow run
+        model = ensure_source_model(cfg, _source_stage_callbacks)
+        print(f"source model {model.key}: {'trained' if model.trained else 'from the cache'} at {model.uri}")
     result = Trainer(cfg, _tracking_callbacks(cfg)).fit(args.resume_from)
     summary = {
         "step": result.step,
@@ -74,7 +86,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_data_synth(args: argparse.Namespace) -> int:
     from lpcgma.data.synthetic import write_synthetic_loveda
 
-    write_synthetic_loveda(Path(args.root), args.tiles, args.tile_size, args.seed, args.sensor)
+    if not 0 <= args.shift <= 1:
+        raise ConfigError(f"--shift = {args.shift} is invalid: expected a strength in [0, 1]")
+    write_synthetic_loveda(Path(args.root), args.tiles, args.tile_size, args.seed, args.sensor, args.shift)
     print(f"wrote the synthetic benchmark in the LoveDA layout under {args.root}")
     return 0
 
@@ -237,6 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tile-size", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--sensor", choices=["rgb", "irrg"], default="irrg")
+    p.add_argument("--shift", type=float, default=1.0, help="Urban's shift from Rural: 0 = Rural's look, 1 = full")
     p.set_defaults(func=cmd_data_synth)
     p = data.add_parser("prepare-isprs", help="cut official ISPRS Potsdam/Vaihingen tiles into patches")
     p.add_argument("--src", required=True, help="folder holding the official archives' extracted tiles")

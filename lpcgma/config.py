@@ -51,6 +51,7 @@ class DataConfig:
     synthetic_tile_size: int = 256  # tile side in pixels
     synthetic_seed: int = 0  # the benchmark's seed (independent of the training seed)
     synthetic_target_sensor: Literal["rgb", "irrg"] = "irrg"  # target radiometry: RGB or IRRG false colour
+    synthetic_shift: float = 1.0  # target's shift strength from the source: 0 = the source's look and layouts, 1 = full
     # ISPRS only
     isprs_modality: Literal["rgb", "irrg"] = "irrg"  # Potsdam input bands
     isprs_ignore_clutter: bool = False  # True: clutter → ignore (5-class protocol)
@@ -112,6 +113,21 @@ class TrainConfig:
     precise_bn_batches: int = 0
 
 
+# ------------------------------------------------------------------------------------ source stage
+@dataclass(frozen=True)
+class SourceStageConfig:
+    """The shared source stage (two-stage protocol): a source-only model trained once per source
+    setting, content-addressed and cached, that a run or every trial of a search starts from
+    (`lpcgma/engine/source_stage.py`)."""
+
+    enabled: bool = False  # start from the cached source-only model (trained first when missing)
+    iters: int = 2000  # source-only training iterations
+    projection_contrast: float = 0.0  # weight of a supervised pixel contrast that trains the projection head
+    # on detached source features (the segmenter is unchanged; the embedding LPCGMA starts from); 0 = off
+    store: str = ""  # folder or s3:// URI of the cache ("" = runs/source_models; a search: <storage>/source_models)
+    optim: OptimConfig = field(default_factory=OptimConfig)  # its optimiser (the top-level optim is the adaptation's)
+
+
 # ----------------------------------------------------------------------------------------- methods
 @dataclass(frozen=True)
 class MethodConfig:
@@ -121,6 +137,8 @@ class MethodConfig:
 @dataclass(frozen=True)
 class SourceOnlyConfig(MethodConfig):
     name: str = "source_only"
+    lambda_proj: float = 0.0  # supervised pixel contrast training the projection head on detached features (0 = off)
+    tau_proj: float = 0.1  # its temperature
 
 
 @dataclass(frozen=True)
@@ -135,6 +153,7 @@ class SelfTrainingConfig(MethodConfig):
     pseudo_threshold: float = 0.968  # δ: confidence threshold of the pseudo-label quality weight
     pseudo_weighting: Literal["fraction", "confidence"] = "fraction"  # DACS fraction or per-pixel q_t
     classmix: bool = True  # ClassMix source classes into target images (DACS)
+    strong_augment: bool = False  # colour jitter + blur of the student's (mixed) target view, not the teacher's (DACS)
 
 
 @dataclass(frozen=True)
@@ -235,6 +254,7 @@ class ExperimentConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    source_stage: SourceStageConfig = field(default_factory=SourceStageConfig)
     method: MethodConfig = field(default_factory=SourceOnlyConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
@@ -246,6 +266,7 @@ class ExperimentConfig:
         lo, hi = self.data.scale_range
         _check(0 < lo <= hi, "data.scale_range", self.data.scale_range, "0 < low <= high")
         _check(0 < self.data.eval_scale <= 4, "data.eval_scale", self.data.eval_scale, "a factor in (0, 4]")
+        _check(0 <= self.data.synthetic_shift <= 1, "data.synthetic_shift", self.data.synthetic_shift, "in [0, 1]")
         _check(self.data.rcs_temperature > 0, "data.rcs_temperature", self.data.rcs_temperature, "> 0")
         _check(self.model.proj_dim > 0, "model.proj_dim", self.model.proj_dim, "> 0")
         _check(0 <= self.model.ema_momentum < 1, "model.ema_momentum", self.model.ema_momentum, "in [0, 1)")
@@ -258,6 +279,16 @@ class ExperimentConfig:
         _check(self.train.label_free_tiles >= 0, "train.label_free_tiles", self.train.label_free_tiles, ">= 0")
         _check(self.train.snd_pixels >= 2, "train.snd_pixels", self.train.snd_pixels, ">= 2")
         _check(self.train.source_eval_tiles >= 0, "train.source_eval_tiles", self.train.source_eval_tiles, ">= 0")
+        ss = self.source_stage
+        _check(ss.iters > 0, "source_stage.iters", ss.iters, "> 0")
+        _check(ss.optim.lr > 0, "source_stage.optim.lr", ss.optim.lr, "> 0")
+        _check(ss.projection_contrast >= 0, "source_stage.projection_contrast", ss.projection_contrast, ">= 0")
+        _check(
+            not (ss.enabled and self.model.init_checkpoint),
+            "model.init_checkpoint",
+            self.model.init_checkpoint,
+            "empty when source_stage.enabled=true (both give the starting weights: set one)",
+        )
         _check(self.train.precise_bn_batches >= 0, "train.precise_bn_batches", self.train.precise_bn_batches, ">= 0")
         _check(
             self.data.target_labels or self.method.name != "oracle",
@@ -537,6 +568,7 @@ __all__ = [
     "SDCAConfig",
     "SelfTrainingConfig",
     "SourceOnlyConfig",
+    "SourceStageConfig",
     "TrackingConfig",
     "TrainConfig",
     "dump_config",

@@ -1,11 +1,14 @@
-"""Fixtures shared by the tests: the real LoveDA sample of ../shared, when this machine has it."""
+"""Fixtures shared by the tests: the real LoveDA sample of ../shared (when this machine has it) and a
+real moto S3 server."""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from server_helpers import MotoServer
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -28,3 +31,21 @@ def loveda_sample() -> Path:
             "real LoveDA sample not found (set LPCGMA_SHARED_DIR to the folder holding data/loveda_sample)"
         )
     return root
+
+
+@pytest.fixture
+def moto_s3(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[MotoServer]:
+    """A real moto S3 server on 127.0.0.1 with bucket `lpcgma-shards`, stopped by PID afterwards."""
+    import boto3
+
+    for key, value in {"AWS_ACCESS_KEY_ID": "testing-key-id", "AWS_SECRET_ACCESS_KEY": "testing-secret-value",
+                       "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}.items():  # fmt: skip
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
+    server = MotoServer(tmp_path / "moto").start()
+    try:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", server.url)
+        boto3.client("s3", endpoint_url=server.url).create_bucket(Bucket="lpcgma-shards")
+        yield server
+    finally:
+        server.stop()

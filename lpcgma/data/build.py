@@ -183,8 +183,11 @@ def _open(
     """
     masks = c.target_labels or not is_target
     if c.dataset == "synthetic":
-        sensor = c.synthetic_target_sensor if is_target else "rgb"
-        return SyntheticAerial(domain, split, c.synthetic_tiles, c.synthetic_tile_size, c.synthetic_seed, sensor)
+        n, size, seed = c.synthetic_tiles, c.synthetic_tile_size, c.synthetic_seed
+        if not is_target:
+            return SyntheticAerial(domain, split, n, size, seed, "rgb")
+        source: Any = c.source_domain  # validated by the caller
+        return SyntheticAerial(domain, split, n, size, seed, c.synthetic_target_sensor, c.synthetic_shift, source)
     base, _, shift = str(domain).partition("_")  # LoveDA's *_irrg domains (validated by the caller)
     tiles: RawDataset
     meta: dict[str, Any] = {}  # ISPRS: the prepare_isprs arguments

@@ -480,15 +480,17 @@ def _source_parts(data: DataConfig) -> list[_Part]:
         out = []
         for domain in _RURAL_URBAN:  # urban (the default target) in data.synthetic_target_sensor
             sensor = data.synthetic_target_sensor if domain == "urban" else "rgb"
+            shift = data.synthetic_shift if domain == "urban" else 1.0
             meta = {
                 "tiles": data.synthetic_tiles,
                 "tile_size": data.synthetic_tile_size,
                 "seed": data.synthetic_seed,
                 "sensor": sensor,
+                "shift": shift,
             }
             for split in SPLITS:
                 n, size, seed = data.synthetic_tiles, data.synthetic_tile_size, data.synthetic_seed
-                ds = SyntheticAerial(domain, split, n, size, seed, sensor)
+                ds = SyntheticAerial(domain, split, n, size, seed, sensor, shift, "rural")
                 out.append(_Part(domain, split, ds, meta))
         return out
     if not data.root:
@@ -623,10 +625,10 @@ def pack_dataset(
 
     `data.dataset` is loveda (``data.root`` in the official layout; the splits present are packed),
     isprs (``data.root`` of `prepare_isprs` patches) or synthetic (generated from the data.synthetic_*
-    keys; the urban domain in ``data.synthetic_target_sensor``). `dest` is a local folder or
-    ``s3://bucket/prefix``. A shard is closed before it would pass `shard_mb` MB of PNG bytes or
-    `shard_rows` rows (0: no row cap). An older manifest at `dest` is removed first and the new one
-    written last; shard files of an older pack that are no longer listed are deleted.
+    keys; the urban domain in ``data.synthetic_target_sensor`` at ``data.synthetic_shift`` from rural).
+    `dest` is a local folder or ``s3://bucket/prefix``. A shard is closed before it would pass
+    `shard_mb` MB of PNG bytes or `shard_rows` rows (0: no row cap). An older manifest at `dest` is
+    removed first and the new one written last; shard files of an older pack that are no longer listed are deleted.
     """
     if data.dataset not in FAMILIES:
         raise ValueError(f"data.dataset={data.dataset!r} cannot be packed: expected one of {list(FAMILIES)}")

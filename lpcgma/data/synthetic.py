@@ -9,6 +9,13 @@ and a tile can be rendered as RGB or as IRRG false colour (NIR, R, G: vegetation
 each class having its own near-infrared reflectance. Within a domain every class keeps a distinct
 colour/texture signature, so the task stays learnable. Generation is numpy-only and deterministic
 in (seed, domain, split, index).
+
+The shift is controllable: a domain rendered at ``shift`` s from another (`shift_from`) takes the
+blend of the two looks (reflectances, radiometry and shadows interpolated linearly; each class's
+texture the other domain's texture at weight 1 − s plus its own at weight s; material variants
+kept with their probability scaled the same way) and, for each tile independently, its own layout
+with probability s, else the other domain's. s = 1 is the domain as it is, s = 0 the other domain
+exactly (same style and layout statistics); the sensor is chosen separately.
 """
 
 from __future__ import annotations
@@ -55,10 +62,13 @@ class _Variant:
 
 @dataclass(frozen=True)
 class _Style:
-    """How a domain looks: per-class reflectance (R, G, B, NIR) and texture, then the radiometry."""
+    """How a domain looks: per-class reflectance (R, G, B, NIR) and texture, then the radiometry.
+
+    A class's texture is a sum of layers (one for a domain's own style, two in a blend of styles).
+    """
 
     reflectance: tuple[tuple[float, float, float, float], ...]
-    textures: tuple[_Texture, ...]
+    textures: tuple[tuple[_Texture, ...], ...]
     region_variation: float  # per-region (field, block, building) brightness spread
     shadow: int  # building shadow length in pixels
     gain: tuple[float, float, float]  # per output band
@@ -79,13 +89,13 @@ _STYLES: dict[str, _Style] = {
             (0.42, 0.52, 0.26, 0.52),  # agriculture: green crops (ripening varies per field)
         ),
         textures=(
-            _Texture("noise", 14, 0.18),
-            _Texture("noise", 3, 0.06),
-            _Texture("noise", 20, 0.06),
-            _Texture("noise", 30, 0.06),
-            _Texture("speckle", 1, 0.16),
-            _Texture("noise", 5, 0.40),
-            _Texture("stripes", 8, 0.22),
+            (_Texture("noise", 14, 0.18),),
+            (_Texture("noise", 3, 0.06),),
+            (_Texture("noise", 20, 0.06),),
+            (_Texture("noise", 30, 0.06),),
+            (_Texture("speckle", 1, 0.16),),
+            (_Texture("noise", 5, 0.40),),
+            (_Texture("stripes", 8, 0.22),),
         ),
         region_variation=0.12,
         shadow=2,
@@ -109,13 +119,13 @@ _STYLES: dict[str, _Style] = {
             (0.46, 0.55, 0.30, 0.50),  # agriculture: allotments
         ),
         textures=(
-            _Texture("speckle", 1, 0.10),
-            _Texture("noise", 10, 0.05),
-            _Texture("noise", 4, 0.08),
-            _Texture("noise", 16, 0.05),
-            _Texture("noise", 4, 0.28),
-            _Texture("noise", 2.5, 0.35),
-            _Texture("stripes", 3, 0.28),
+            (_Texture("speckle", 1, 0.10),),
+            (_Texture("noise", 10, 0.05),),
+            (_Texture("noise", 4, 0.08),),
+            (_Texture("noise", 16, 0.05),),
+            (_Texture("noise", 4, 0.28),),
+            (_Texture("noise", 2.5, 0.35),),
+            (_Texture("stripes", 3, 0.28),),
         ),
         region_variation=0.20,
         shadow=4,
@@ -137,11 +147,41 @@ _URBAN_BLOCK_P = (0.70, 0.09, 0.06, 0.035, 0.05, 0.065)
 _BUILT, _PARK, _BLOCK_CLASS = 0, 1, (BACKGROUND, FOREST, BARREN, WATER, AGRICULTURE, BACKGROUND)
 
 
+def _lerp(a: tuple[float, ...], b: tuple[float, ...], s: float) -> tuple[float, ...]:
+    return tuple((1 - s) * x + s * y for x, y in zip(a, b, strict=True))
+
+
+def blend_styles(a: _Style, b: _Style, s: float) -> _Style:
+    """The look at shift `s` from style `a` (s = 0) to style `b` (s = 1); either end is that style."""
+    if not 0 <= s <= 1:
+        raise ValueError(f"a style blend needs 0 <= s <= 1, got {s}")
+    if s in (0, 1):
+        return b if s == 1 else a
+
+    def layers(ta: tuple[_Texture, ...], tb: tuple[_Texture, ...]) -> tuple[_Texture, ...]:
+        weighted = [(t, 1 - s) for t in ta] + [(t, s) for t in tb]
+        return tuple(_Texture(t.kind, t.scale, t.amplitude * w) for t, w in weighted)
+
+    variants = [(v, 1 - s) for v in a.variants] + [(v, s) for v in b.variants]
+    return _Style(
+        reflectance=tuple(_lerp(ra, rb, s) for ra, rb in zip(a.reflectance, b.reflectance, strict=True)),  # type: ignore[misc]
+        textures=tuple(layers(ta, tb) for ta, tb in zip(a.textures, b.textures, strict=True)),
+        region_variation=(1 - s) * a.region_variation + s * b.region_variation,
+        shadow=round((1 - s) * a.shadow + s * b.shadow),
+        gain=_lerp(a.gain, b.gain, s),  # type: ignore[arg-type]
+        offset=_lerp(a.offset, b.offset, s),  # type: ignore[arg-type]
+        noise=(1 - s) * a.noise + s * b.noise,
+        variants=tuple(_Variant(v.cls, v.reflectance, v.prob * w, v.blend) for v, w in variants),
+    )
+
+
 class SyntheticAerial(Dataset[Sample]):
     """Raw samples ``{"image": uint8 [3,H,W], "mask": int64 [H,W], "name"}`` of one domain and split.
 
     Tile ``i`` depends only on (seed, domain, split, i) and is generated on first access, then cached.
-    `sensor` picks the bands: ``rgb`` or ``irrg`` (NIR, R, G false colour).
+    `sensor` picks the bands: ``rgb`` or ``irrg`` (NIR, R, G false colour). With `shift_from` set to
+    the other domain, `shift` in [0, 1] moves this domain's look and layouts toward it (module doc):
+    1 = this domain as it is, 0 = `shift_from`'s style and layouts.
     """
 
     classes: ClassInfo = SYNTHETIC_CLASSES
@@ -154,9 +194,12 @@ class SyntheticAerial(Dataset[Sample]):
         tile_size: int = 256,
         seed: int = 0,
         sensor: Sensor = "rgb",
+        shift: float = 1.0,
+        shift_from: Domain | None = None,
     ) -> None:
         for key, value, choices in (
             ("domain", domain, _DOMAIN_IDS),
+            ("shift_from", shift_from or domain, _DOMAIN_IDS),
             ("split", split, _SPLIT_IDS),
             ("sensor", sensor, _SENSOR_BANDS),
         ):
@@ -166,8 +209,11 @@ class SyntheticAerial(Dataset[Sample]):
             raise ValueError(
                 f"SyntheticAerial needs num_tiles >= 1 and tile_size >= 8, got {num_tiles}, {tile_size}"
             )
+        if not 0 <= shift <= 1:
+            raise ValueError(f"SyntheticAerial shift={shift!r}: expected a strength in [0, 1]")
         self.domain, self.split, self.sensor = domain, split, sensor
         self.num_tiles, self.tile_size, self.seed = num_tiles, tile_size, seed
+        self.shift, self.shift_from = shift, shift_from
         self._cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
     def __len__(self) -> int:
@@ -175,8 +221,14 @@ class SyntheticAerial(Dataset[Sample]):
 
     def generate(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         """Tile `index` as numpy (image uint8 [3,H,W], mask uint8 [H,W]), without caching it."""
-        rng = np.random.default_rng([self.seed, _DOMAIN_IDS[self.domain], _SPLIT_IDS[self.split], index])
-        return generate_tile(rng, self.domain, self.tile_size, self.sensor)
+        key = [self.seed, _DOMAIN_IDS[self.domain], _SPLIT_IDS[self.split], index]
+        if self.shift_from is None or self.shift_from == self.domain or self.shift == 1:
+            return generate_tile(np.random.default_rng(key), self.domain, self.tile_size, self.sensor)
+        # the layout's coin has a stream of its own: the tile's stream is the unshifted tile's
+        own_layout = np.random.default_rng([*key, 1]).random() < self.shift
+        style = blend_styles(_STYLES[self.shift_from], _STYLES[self.domain], self.shift)
+        layout = self.domain if own_layout else self.shift_from
+        return generate_tile(np.random.default_rng(key), layout, self.tile_size, self.sensor, style)
 
     def __getitem__(self, index: int) -> Sample:
         if not 0 <= index < self.num_tiles:
@@ -192,29 +244,37 @@ class SyntheticAerial(Dataset[Sample]):
 
 
 def generate_tile(
-    rng: np.random.Generator, domain: Domain, size: int, sensor: Sensor
+    rng: np.random.Generator, domain: Domain, size: int, sensor: Sensor, style: _Style | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
-    """One tile: image uint8 [3, size, size] and class mask uint8 [size, size]."""
+    """One tile with `domain`'s layout, rendered in `style` (default: the domain's own):
+    image uint8 [3, size, size] and class mask uint8 [size, size]."""
     layout = _rural_layout if domain == "rural" else _urban_layout
     mask, regions = layout(rng, size, size)
-    return _render(rng, mask, regions, _STYLES[domain], sensor), mask.astype(np.uint8)
+    return _render(rng, mask, regions, style or _STYLES[domain], sensor), mask.astype(np.uint8)
 
 
 def write_synthetic_loveda(
-    root: str | Path, num_tiles: int = 16, tile_size: int = 256, seed: int = 0, sensor: Sensor = "irrg"
+    root: str | Path,
+    num_tiles: int = 16,
+    tile_size: int = 256,
+    seed: int = 0,
+    sensor: Sensor = "irrg",
+    shift: float = 1.0,
 ) -> Path:
     """Write the synthetic benchmark in the official LoveDA layout under `root`; return `root`.
 
     ``{Train,Val,Test}/{Rural,Urban}/images_png/<id>.png`` with raw masks in ``masks_png`` (class + 1,
     0 = no-data; none for Test, as in LoveDA). Ids count up across splits and domains. `sensor` is
-    the Urban (target) domain's sensor; Rural tiles are RGB.
+    the Urban (target) domain's sensor and `shift` its shift strength from Rural; Rural tiles are RGB.
     """
     root = Path(root)
     next_id = 0
     for split in ("train", "val", "test"):
         for domain in ("rural", "urban"):
-            ds = SyntheticAerial(
-                domain, split, num_tiles, tile_size, seed, sensor if domain == "urban" else "rgb"
+            ds = (
+                SyntheticAerial(domain, split, num_tiles, tile_size, seed, sensor, shift, "rural")
+                if domain == "urban"
+                else SyntheticAerial(domain, split, num_tiles, tile_size, seed, "rgb")
             )
             folder = root / split.capitalize() / domain.capitalize()
             (folder / "images_png").mkdir(parents=True, exist_ok=True)
@@ -397,9 +457,9 @@ def _render(
         refl = refl * (1 - t_px) + np.asarray(var.reflectance, dtype=np.float32) * t_px
     mod = 1 + style.region_variation * rng.uniform(-1, 1, n).astype(np.float32)[regions]
     for c in np.unique(mask):
-        tex = style.textures[c]
         sel = mask == c
-        mod[sel] *= 1 + tex.amplitude * _texture(rng, tex, regions)[sel]
+        modulation = sum(tex.amplitude * _texture(rng, tex, regions)[sel] for tex in style.textures[c])
+        mod[sel] *= 1 + modulation
     refl *= mod[..., None]
     s = style.shadow
     shadow = np.zeros((h, w), dtype=bool)

@@ -53,6 +53,7 @@ import yaml
 
 from lpcgma.config import ConfigError, ExperimentConfig, load_config, replace, resolve_config_path
 from lpcgma.distributed.search_space import SearchSpace, defaults_point, load_search_space, parse_search_space
+from lpcgma.distributed.source_model import obtain_source_model, with_search_store
 
 DRIVER_RESOURCE = "trial_driver"
 SEARCH_FILE = "lpcgma_search.json"
@@ -335,6 +336,7 @@ class SearchOutcome:
     trials: list[TrialSummary]
     results: Any = None  # ray.tune.ResultGrid
     complete: bool = True  # False when the search was interrupted before all trials ended
+    source_model: dict[str, Any] | None = None  # the shared source model every trial started from
 
     def ranked(self) -> list[TrialSummary]:
         sign = -1.0 if self.mode == "max" else 1.0
@@ -353,6 +355,21 @@ class SearchOutcome:
     @property
     def stopped_early(self) -> int:
         return sum(t.status == "stopped early" for t in self.trials)
+
+    def _against_source_model(self) -> list[str]:
+        """The source-only model every trial started from, beside the defaults and the best trial."""
+        if self.source_model is None:
+            return []
+        reference = self.source_model.get("metrics", {}).get(self.objective)
+        if reference is None:
+            return [f"source model {self.source_model['key']}: {self.objective} not reported"]
+        lines = ["", f"| model | {self.objective} | vs source-only |", "|---|---|---|"]
+        lines.append(f"| source-only (shared source model {self.source_model['key']}) | {reference:.4f} | |")
+        for label, trial in (("literature defaults", self.defaults), ("best trial", self.best)):
+            if trial is not None and trial.best is not None:
+                delta = float(trial.best) - float(reference)
+                lines.append(f"| {label} ({trial.trial_id}) | {trial.best:.4f} | {delta:+.4f} |")
+        return lines
 
     def format(self, top_k: int = 3) -> str:
         finished = sum(t.status == "finished" for t in self.trials)
@@ -386,6 +403,7 @@ class SearchOutcome:
             )
         elif best is not None:
             lines.append(f"best trial {best.trial_id}: {self.objective} = {best.best:.4f}")
+        lines += self._against_source_model()
         if best is not None:
             lines.append(f"best checkpoint: {best.checkpoint or '-'}")
             if best.out_dir:
@@ -651,8 +669,11 @@ def run_search(
         base = load_config(None, dict(saved["base"]))
         space = parse_search_space(saved["space"], saved["space_path"], base=base)
     else:
-        base = resolve_base(settings)
+        from lpcgma.engine.source_stage import check_searchable
+
+        base = with_search_store(resolve_base(settings), storage)
         space = load_search_space(settings.search_space, base=base)
+        check_searchable(base, space.keys)
         if settings.smoke_test:
             settings.num_samples = min(settings.num_samples, SMOKE_MAX_SAMPLES)
         if not settings.name:
@@ -702,6 +723,7 @@ def run_search(
         if on_search_start is not None:
             parent = on_search_start(info) or parent
         info.parent_run_id = parent
+        source_model = obtain_source_model(base, settings.cpus_per_worker, settings.gpus_per_worker, parent)
         setup = TrialSetup(
             base=config_to_payload(base),
             searched=tuple(space.keys),
@@ -737,6 +759,7 @@ def run_search(
         sigint_before = signal.getsignal(signal.SIGINT)
         results = tuner.fit()
         outcome = summarize(results, settings.objective, settings.mode, defaults, experiment_path, max_t)
+        outcome.source_model = source_model
         outcome.complete = (
             not _tune_was_interrupted(sigint_before)
             and results.num_terminated + results.num_errors >= settings.num_samples

@@ -23,6 +23,7 @@ import numpy as np
 
 from lpcgma.config import ExperimentConfig, load_config, replace, resolve_config_path
 from lpcgma.engine.processes import map_in_processes
+from lpcgma.engine.source_stage import check_searchable, ensure_source_model, evaluate_source_model
 from lpcgma.engine.trainer import Callback, EvalReport, Trainer
 
 RESULT_FILE = "result.json"
@@ -142,8 +143,16 @@ def run_sweep(
         raise ValueError(f"jobs must be >= 1, got {jobs}")
     base = load_config(resolve_config_path(config), list(overrides))
     space = load_search_space(search_space, base.method.name, base)
+    check_searchable(base, space.keys)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    source_model = None
+    if base.source_stage.enabled:  # obtained here once; every trial then reads it from the store
+        model = ensure_source_model(base, log=log)
+        metrics = evaluate_source_model(base, model)
+        source_model = {"key": model.key, "uri": model.uri, "trained": model.trained, "metrics": metrics}
+        shown = ", ".join(f"{k}={metrics[k]:.4f}" for k in ("target_miou", "source_miou") if k in metrics)
+        log(f"source model {model.key} ({'trained' if model.trained else 'from the store'}): {shown}")
     specs = [
         TrialSpec(f"trial_{i:03d}", point, config, tuple(overrides))
         for i, point in enumerate(sample_points(space, base, num_samples, seed))
@@ -157,6 +166,7 @@ def run_sweep(
                 "seed": seed,
                 "num_samples": num_samples,
                 "points": {s.trial_id: s.point for s in specs},
+                "source_model": source_model,
             },
             indent=1,
         )

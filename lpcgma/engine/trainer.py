@@ -45,6 +45,7 @@ from lpcgma.engine.label_free import (
     label_free_metrics,
     subsample,
 )
+from lpcgma.engine.source_stage import check_model_compatible, ensure_source_model
 from lpcgma.methods import METHODS, Method, build_method
 from lpcgma.methods.base import pixel_rows
 from lpcgma.models import upsample_logits
@@ -323,9 +324,14 @@ class Trainer:
                 torch.manual_seed(self.cfg.train.seed * 1000 + self.step * 7 + self.rank)
 
     def _start_fresh(self) -> None:
-        """A new run: optional warm start of the student, then the method's preparation pass."""
-        if self.cfg.model.init_checkpoint:
-            self.method.load_student(read_checkpoint(self.cfg.model.init_checkpoint, map_location="cpu")["method"])
+        """A new run: optional warm start of the student (``model.init_checkpoint``, or the shared
+        source model of ``source_stage.enabled``), then the method's preparation pass."""
+        init = self.cfg.model.init_checkpoint
+        if self.cfg.source_stage.enabled:
+            init = str(ensure_source_model(self.cfg, allow_training=self.world_size == 1).checkpoint)
+        if init:
+            check_model_compatible(self.cfg, init, self.class_names)
+            self.method.load_student(read_checkpoint(init, map_location="cpu")["method"])
         src_it, _ = self._streams()
         device_batches = (self._to_device(b) for b in src_it)
         self.method.prepare(device_batches, len(self.data.source_train))  # type: ignore[arg-type]

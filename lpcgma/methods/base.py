@@ -10,6 +10,8 @@ import torch
 from torch import Tensor, nn
 
 from lpcgma.config import ExperimentConfig, OptimConfig
+from lpcgma.losses.pseudo_quality import pseudo_label_counts, pseudo_label_report
+from lpcgma.losses.segmentation import downsample_labels
 from lpcgma.models import EMATeacher, build_model, upsample_logits
 
 Batch = dict[str, Tensor]
@@ -38,6 +40,7 @@ class Method(nn.Module):
 
     uses_teacher: bool = False
     student_domains: tuple[str, ...] = ("source", "target")  # the domains whose images the student trains on
+    pseudo_counts: Tensor  # pseudo-label diagnostics since the last report [2, C, C] (not checkpointed)
 
     def __init__(self, cfg: ExperimentConfig, class_names: Sequence[str]) -> None:
         super().__init__()
@@ -47,13 +50,15 @@ class Method(nn.Module):
         self.student = build_model(cfg.model, num_classes)
         self.teacher = EMATeacher(self.student, cfg.model.ema_momentum) if self.uses_teacher else None
         self._student_forward: list[nn.Module] = [self.student]  # a list keeps DDP out of state_dict
+        counts = torch.zeros(2, num_classes, num_classes, dtype=torch.long)
+        self.register_buffer("pseudo_counts", counts, persistent=False)
 
     def set_student_forward(self, module: nn.Module) -> None:
         """Route student forward passes through `module` (e.g. DistributedDataParallel(student))."""
         self._student_forward = [module]
 
-    def forward_student(self, images: Tensor) -> dict[str, Tensor]:
-        return self._student_forward[0](images)  # type: ignore[no-any-return]
+    def forward_student(self, images: Tensor, **kwargs: Any) -> dict[str, Tensor]:
+        return self._student_forward[0](images, **kwargs)  # type: ignore[no-any-return]
 
     def train_step(self, source: Batch, target: Batch, step: int) -> StepOutput:
         raise NotImplementedError
@@ -75,9 +80,24 @@ class Method(nn.Module):
         if self.teacher is not None:
             self.teacher.update(self.student, step)
 
+    @torch.no_grad()
+    def record_pseudo_labels(self, pseudo: Tensor, confidence: Tensor, target: Batch, threshold: float) -> None:
+        """Count target pseudo-labels [B, h, w] (and which pass `threshold`) against the target masks,
+        for the diagnostics of `lpcgma.losses.pseudo_quality`; nothing without target labels. Never
+        a training signal: the counts only feed `diagnostics()`. No host sync."""
+        if not self.cfg.data.target_labels:
+            return
+        truth = target["mask"]
+        if truth.shape[-2:] != pseudo.shape[-2:]:
+            truth = downsample_labels(truth, pseudo.shape[-2:])
+        self.pseudo_counts += pseudo_label_counts(pseudo, confidence, truth, threshold, self.num_classes)
+
     def diagnostics(self) -> dict[str, float]:
-        """Method-specific metrics reported at each evaluation."""
-        return {}
+        """Method metrics reported at each evaluation: the base reports the pseudo-label diagnostics
+        of the steps since the last report (this rank's batches; `record_pseudo_labels`) and resets them."""
+        report = pseudo_label_report(self.pseudo_counts, self.class_names)
+        self.pseudo_counts.zero_()
+        return report
 
     def param_groups(self, optim: OptimConfig) -> list[dict[str, Any]]:
         """Backbone at the base LR, decoder and heads at ×head_lr_mult."""
@@ -87,11 +107,13 @@ class Method(nn.Module):
         ]
         return groups
 
-    def supervised_loss(self, batch: Batch, prefix: str) -> tuple[Tensor, dict[str, Tensor], dict[str, Tensor]]:
+    def supervised_loss(
+        self, batch: Batch, prefix: str, **forward_kwargs: Any
+    ) -> tuple[Tensor, dict[str, Tensor], dict[str, Tensor]]:
         """CE of the student on a labelled batch; returns (loss, logs, student outputs)."""
         from lpcgma.losses.segmentation import cross_entropy
 
-        out = self.forward_student(batch["image"])
+        out = self.forward_student(batch["image"], **forward_kwargs)
         logits = upsample_logits(out["logits"], batch["mask"].shape[-2:])
         loss = cross_entropy(logits, batch["mask"])
         return loss, {f"loss/{prefix}_ce": loss.detach()}, out

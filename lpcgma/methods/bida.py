@@ -66,6 +66,9 @@ class BiDA(Method):
             f_t.detach(), protos_s.detach(), present_s, m.bida_scale, m.bida_dynamic_threshold, self.bias, alpha
         )
         hybrid = hybrid_pseudo_labels(static.flatten(1), static_conf.flatten(1), dynamic, dyn_conf, m.bida_hybrid_rule)
+        # diagnostics: the hybrid labels where kept ("confident"), the teacher's elsewhere
+        kept = (hybrid != 255).view_as(static)
+        self.record_pseudo_labels(torch.where(kept, hybrid.view_as(static), static), kept.float(), target, 0.5)
         protos_t, present_t = class_prototypes(f_t, hybrid, self.num_classes)
         both = present_s & present_t
         weight = both.float()

@@ -170,7 +170,7 @@ class LPCGMA(SelfTraining):
     @torch.no_grad()
     def diagnostics(self) -> dict[str, float]:
         m = self.lcfg
-        out: dict[str, float] = {}
+        out = super().diagnostics()
         keep = anchor_keep_probs(self.class_freq, m.base_rate, m.minority_boost).cpu().tolist()
         for name, p in zip(self.class_names, keep, strict=True):
             out[f"diag/keep_rate/{name}"] = float(p)

@@ -106,7 +106,8 @@ class SDCA(Method):
         ce, logs, src_out = self.supervised_loss(source, "source")
         y_src = downsample_labels(source["mask"], src_out["logits"].shape[-2:])
         tgt_out = self.forward_student(target["image"])
-        y_tgt, _ = confident_pseudo_labels(tgt_out["logits"], m.sdca_target_threshold)
+        y_tgt, q_tgt = confident_pseudo_labels(tgt_out["logits"], m.sdca_target_threshold)
+        self.record_pseudo_labels(tgt_out["logits"].argmax(1), q_tgt, target, m.sdca_target_threshold)
         l_src = self._terms(src_out, y_src)
         l_tgt = self._terms(tgt_out, y_tgt)
         self._update_stats(src_out, source["mask"])
@@ -198,10 +199,12 @@ class SDCA(Method):
         return StepOutput(loss + target_ce, logs)
 
     def diagnostics(self) -> dict[str, float]:
-        """Once the round has begun: the kept fraction and each predicted class's threshold θ_c."""
+        """Pseudo-label diagnostics; once the round has begun, the kept fraction and each predicted
+        class's threshold θ_c."""
+        out = super().diagnostics()
         if self.final_st_labeller is None or not bool(self.final_st_started):
-            return {}
-        out = {"diag/final_st_kept": float(self.final_st_kept)}
+            return out
+        out["diag/final_st_kept"] = float(self.final_st_kept)
         for name, value in zip(self.class_names, self.final_st_thresholds.tolist(), strict=True):
             if math.isfinite(value):
                 out[f"diag/final_st_threshold/{name}"] = value

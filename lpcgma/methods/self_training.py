@@ -14,6 +14,7 @@ from lpcgma.config import SelfTrainingConfig
 from lpcgma.losses.segmentation import cross_entropy, pseudo_label_weight, pseudo_labels
 from lpcgma.methods.base import Batch, Method, StepOutput
 from lpcgma.methods.mixing import classmix_masks, mix
+from lpcgma.methods.views import strong_view
 from lpcgma.models import upsample_logits
 
 
@@ -47,6 +48,7 @@ class SelfTraining(Method):
         size = target["image"].shape[-2:]
         t_out = self.teacher(target["image"])
         pseudo, conf = pseudo_labels(upsample_logits(t_out["logits"], size))
+        self.record_pseudo_labels(pseudo, conf, target, m.pseudo_threshold)
         weight = pseudo_label_weight(conf, m.pseudo_threshold, m.pseudo_weighting)
         images, labels, mask = target["image"], pseudo, None
         if m.classmix:
@@ -54,6 +56,8 @@ class SelfTraining(Method):
             images = mix(mask, source["image"], target["image"])
             labels = mix(mask, source["mask"], pseudo)
             weight = torch.where(mask, torch.ones_like(weight), weight)
+        if m.strong_augment:
+            images = strong_view(images, irrg_prob=0.0)
         s_out = self.forward_student(images)
         loss = cross_entropy(upsample_logits(s_out["logits"], size), labels, weight)
         logs = {"loss/target_st": loss.detach(), "pseudo/confident_frac": (conf >= m.pseudo_threshold).float().mean()}

@@ -134,10 +134,12 @@ class DeepLabV2(nn.Module):
         """Decoder and projection-head parameters (×head_lr_mult learning rate)."""
         return [*self.classifier.parameters(), *self.projector.parameters()]
 
-    def forward(self, x: Tensor) -> dict[str, Tensor]:
+    def forward(self, x: Tensor, detach_embed: bool = False) -> dict[str, Tensor]:
+        """Logits, embeddings and ASPP branches; `detach_embed`: the projection head sees the backbone
+        features detached (a loss on the embeddings then trains the head only)."""
         f = self.layer4(self.layer3(self.layer2(self.layer1(self.stem(x)))))
         logits, aspp = self.classifier(f)
-        return {"logits": logits, "embed": self.projector(f), "aspp": aspp}
+        return {"logits": logits, "embed": self.projector(f.detach() if detach_embed else f), "aspp": aspp}
 
 
 def upsample_logits(logits: Tensor, size: Sequence[int]) -> Tensor:

@@ -115,6 +115,38 @@ def iou_bar_figure(
     return fig
 
 
+def pseudo_label_figure(metrics: Mapping[str, float], class_names: Sequence[str], title: str = "") -> Figure | None:
+    """Pseudo-label diagnostics of one evaluation (`lpcgma.losses.pseudo_quality`): per class, the
+    precision, recall and confident share of the teacher's pseudo-labels (left) and their class
+    distribution beside the truth's (right). None when the metrics hold no pseudo-label diagnostics."""
+    if not any(k.startswith("pseudo/label_share/") for k in metrics):
+        return None
+    c = len(class_names)
+    x = np.arange(c)
+
+    def series(key: str) -> list[float]:
+        return [float(metrics.get(f"pseudo/{key}/{n}", np.nan)) for n in class_names]
+
+    fig = Figure(figsize=(max(9.0, 1.4 * c + 3.0), 3.8))
+    left, right = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+    keys = ("precision", "recall", "confident_share")
+    for k, key in enumerate(keys):
+        left.bar(x + (k - 1) * 0.27, np.nan_to_num(series(key)), width=0.27, label=key.replace("_", " "))
+    left.set_ylim(0.0, 1.05)
+    left.set_title("pseudo-labels vs target masks")
+    for k, key in enumerate(("label_share", "true_share")):
+        right.bar(x + (k - 0.5) * 0.4, series(key), width=0.4, label="pseudo-labels" if k == 0 else "truth")
+    right.set_title("class distribution")
+    for ax in (left, right):
+        ax.set_xticks(x, labels=list(class_names), rotation=30, ha="right")
+        ax.legend(loc="upper right", frameon=False, fontsize=8)
+    accuracy = metrics.get("pseudo/accuracy")
+    suffix = f" (pixel accuracy {accuracy:.3f})" if accuracy is not None else ""
+    fig.suptitle((title or "pseudo-label diagnostics") + suffix)
+    fig.tight_layout()
+    return fig
+
+
 def class_ious(metrics: Mapping[str, float], prefix: str = "target_iou/") -> dict[str, float]:
     """Per-class IoUs from an evaluation's metrics (``target_iou/<class>``)."""
     return {k.removeprefix(prefix): float(v) for k, v in metrics.items() if k.startswith(prefix)}
@@ -174,6 +206,7 @@ __all__ = [
     "iou_bar_figure",
     "legend_figure",
     "overlay_strip",
+    "pseudo_label_figure",
     "safe_name",
     "save_figure",
     "save_png",

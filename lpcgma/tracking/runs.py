@@ -12,9 +12,11 @@ only (other ranks do nothing):
   normalisation: what a registered model needs) and ``plots/legend.png``.
 - every log interval: the training logs as metrics with their step (``loss/total``, ``lr``, …).
 - every evaluation: target mIoU, per-class IoU (``target_iou/<class>``) and the method's diagnostics
-  as metrics with the step; ``plots/confusion_matrix/step_<N>.png``, ``plots/iou/step_<N>.png`` and
-  ``overlays/step_<N>/<tile>.png``; when the evaluation is the best so far and a checkpoint was
-  written, that checkpoint as ``checkpoints/best`` (``state.pt`` + ``config.yaml``).
+  (pseudo-label quality ``pseudo/…`` among them) as metrics with the step;
+  ``plots/confusion_matrix/step_<N>.png``, ``plots/iou/step_<N>.png``,
+  ``plots/pseudo_labels/step_<N>.png`` and ``overlays/step_<N>/<tile>.png``; when the evaluation is
+  the best so far and a checkpoint was written, that checkpoint as ``checkpoints/best``
+  (``state.pt`` + ``config.yaml``).
 - end: the last checkpoint as ``checkpoints/final``, status FINISHED; on an exception FAILED with
   the reason in the tag ``error`` (KeyboardInterrupt / a stop request: KILLED).
 
@@ -34,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 from lpcgma.config import ExperimentConfig, dump_config, flatten
 from lpcgma.engine.checkpoint import CONFIG_FILE, STATE_FILE
+from lpcgma.engine.source_stage import source_key
 from lpcgma.engine.trainer import Callback, EvalReport, TrainResult
 from lpcgma.tracking import plots
 from lpcgma.tracking.offline import OFFLINE_PREFIX, RunLogger, pending_records, synced_run_ids
@@ -48,7 +51,8 @@ log = logging.getLogger(__name__)
 RUN_FILE = "mlflow_run.json"  # in the run folder: which MLflow run this folder logs to
 CLASSES_FILE = "classes.json"  # artifact: class names, palette and normalisation of the run's data
 PARENT_TAG = "mlflow.parentRunId"
-ROLE_TAG = "lpcgma.role"  # "train" (standalone), "trial" (a search's child) or "search" (parent)
+ROLE_TAG = "lpcgma.role"  # "train" (standalone), "trial" (a search's child), "search" (parent), "source_model"
+SOURCE_MODEL_TAG = "lpcgma.source_model"  # the shared source model's key: on its own run and on the runs from it
 TRIAL_TAG = "ray.trial_id"
 SEARCH_TAG = "search"
 EVAL_SPLIT_TAG = "eval_split"
@@ -88,6 +92,8 @@ def eval_split_tag(cfg: ExperimentConfig) -> str:
             f"seed={d.synthetic_seed}",
             f"sensor={d.synthetic_target_sensor}",
         ]
+        if d.synthetic_shift != 1.0:
+            parts.append(f"shift={d.synthetic_shift}")
     elif d.dataset == "isprs":
         parts += [f"modality={d.isprs_modality}", f"ignore_clutter={d.isprs_ignore_clutter}"]
     return ":".join(str(p) for p in parts)
@@ -108,7 +114,17 @@ def run_tags(cfg: ExperimentConfig) -> dict[str, str]:
     }
     if commit != "unknown":
         tags["mlflow.source.git.commit"] = commit
+    if cfg.source_stage.enabled:
+        tags[SOURCE_MODEL_TAG] = source_key(cfg)
     return tags
+
+
+def source_stage_callbacks(stage: ExperimentConfig) -> list[MLflowCallback]:
+    """The MLflow run of a source stage (`lpcgma.engine.source_stage`): a run of its own, role
+    ``source_model``, tagged with the model's key like every run that starts from it."""
+    if not stage.tracking.enabled:
+        return []
+    return [MLflowCallback(stage, tags={ROLE_TAG: "source_model", SOURCE_MODEL_TAG: source_key(stage)})]
 
 
 def default_run_name(cfg: ExperimentConfig, trial_id: str | None = None) -> str:
@@ -293,7 +309,7 @@ class MLflowCallback(Callback):
             self._write_run_file(status="RUNNING")
 
     def _log_figures(self, report: EvalReport) -> None:
-        """Confusion matrix, per-class IoU bars and prediction overlays of one evaluation."""
+        """Confusion matrix, per-class IoU bars, pseudo-label diagnostics and prediction overlays of one evaluation."""
         assert self.logger is not None
         lg = self.logger
         tag = f"step_{report.step:08d}"
@@ -308,6 +324,9 @@ class MLflowCallback(Callback):
             if ious:
                 fig = plots.iou_bar_figure(ious, self.class_names, self.palette, f"per-class IoU, step {report.step}")
                 lg.log_artifact(plots.save_figure(fig, t / "iou" / f"{tag}.png"), "plots/iou")
+            pseudo = plots.pseudo_label_figure(report.metrics, self.class_names, f"pseudo-labels, step {report.step}")
+            if pseudo is not None:
+                lg.log_artifact(plots.save_figure(pseudo, t / "pseudo" / f"{tag}.png"), "plots/pseudo_labels")
             if report.previews:
                 folder = t / "overlays" / tag
                 for i, p in enumerate(report.previews):
@@ -359,6 +378,7 @@ __all__ = [
     "ROLE_TAG",
     "RUN_FILE",
     "SEARCH_TAG",
+    "SOURCE_MODEL_TAG",
     "TRIAL_TAG",
     "default_run_name",
     "eval_split_tag",
@@ -367,4 +387,5 @@ __all__ = [
     "read_run_file",
     "run_params",
     "run_tags",
+    "source_stage_callbacks",
 ]

@@ -25,6 +25,7 @@ import logging
 import math
 import re
 import tempfile
+import time
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -41,6 +42,7 @@ from lpcgma.tracking.runs import (
     PARENT_TAG,
     ROLE_TAG,
     SEARCH_TAG,
+    SOURCE_MODEL_TAG,
     TRIAL_TAG,
     run_tags,
 )
@@ -153,6 +155,42 @@ def start_search_run(
             logger.log_text(yaml.safe_dump(redact_tree(dict(space)), sort_keys=False), "search_space.yaml")
         logger.log_text(redact_yaml_text(dump_config(cfg)), "base_config.yaml")
     return run_id
+
+
+def source_model_run(client: Any, key: str) -> str | None:
+    """The newest finished MLflow run of the source stage with key `key` (any experiment), if any."""
+    from mlflow.entities import ViewType
+
+    exps = [e.experiment_id for e in client.search_experiments(view_type=ViewType.ACTIVE_ONLY)]
+    if not exps:
+        return None
+    query = f"tags.`{ROLE_TAG}` = 'source_model' and tags.`{SOURCE_MODEL_TAG}` = '{key}'"
+    found = _all_runs(client, exps, f"{query} and attributes.status = 'FINISHED'", ["attributes.start_time DESC"])
+    return found[0].info.run_id if found else None
+
+
+def link_source_model(cfg: ExperimentConfig, parent_run_id: str | None, report: Mapping[str, Any]) -> None:
+    """Record on a search's parent run the shared source model its trials start from: the tags
+    ``lpcgma.source_model`` (its key), ``source_model.uri`` and ``source_model.run_id`` (the source
+    stage's own run), and its metrics on the search's target as ``source_model/<metric>``. Never raises."""
+    if not cfg.tracking.enabled or not parent_run_id:
+        return
+    try:
+        client = _client(resolve_tracking_uri(cfg.tracking))
+        tags = {SOURCE_MODEL_TAG: str(report["key"]), "source_model.uri": str(report["uri"])}
+        run_id = source_model_run(client, str(report["key"]))
+        if run_id:
+            tags["source_model.run_id"] = run_id
+        for k, v in redact_mapping(tags)[0].items():
+            client.set_tag(parent_run_id, k, v)
+        metrics = {f"source_model/{k}": float(v) for k, v in report.get("metrics", {}).items() if "/" not in k}
+        if metrics:
+            from mlflow.entities import Metric
+
+            now = int(time.time() * 1000)
+            client.log_batch(parent_run_id, metrics=[Metric(k, v, now, 0) for k, v in metrics.items()])
+    except Exception as e:
+        log.warning("could not link the source model to search run %s: %s", parent_run_id, e)
 
 
 def end_search_run(parent_run_id: str, status: str = "FINISHED", tracking_uri: str | None = None) -> None:

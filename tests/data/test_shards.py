@@ -256,24 +256,6 @@ def test_cli_pack(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
 
 
 # ------------------------------------------------------------------------------------ S3 (moto)
-@pytest.fixture
-def moto_s3(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[MotoServer]:
-    """A real moto S3 server on 127.0.0.1 with bucket `lpcgma-shards`, stopped by PID afterwards."""
-    import boto3
-
-    for key, value in {"AWS_ACCESS_KEY_ID": "testing-key-id", "AWS_SECRET_ACCESS_KEY": "testing-secret-value",
-                       "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}.items():  # fmt: skip
-        monkeypatch.setenv(key, value)
-    monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
-    server = MotoServer(tmp_path / "moto").start()
-    try:
-        monkeypatch.setenv("AWS_ENDPOINT_URL", server.url)
-        boto3.client("s3", endpoint_url=server.url).create_bucket(Bucket="lpcgma-shards")
-        yield server
-    finally:
-        server.stop()
-
-
 @pytest.mark.slow  # a real moto server (≈ 11 s here), as the project marks its server tests
 def test_s3_round_trip_and_loader_workers(moto_s3: MotoServer, synth_shards: Path) -> None:
     import boto3

@@ -140,3 +140,89 @@ def test_write_synthetic_loveda_round_trips_through_the_loader(tmp_path):
     assert bool((test[0]["mask"] == 255).all())
     ids = sorted(int(p.stem) for p in tmp_path.rglob("*.png") if p.parent.name == "images_png")
     assert ids == list(range(12))  # unique ids across splits and domains
+
+
+# ------------------------------------------------------------------------------ controllable shift
+SHIFTS = (0.0, 0.25, 0.5, 0.75, 1.0)
+
+
+def _class_colours(ds: SyntheticAerial) -> np.ndarray:
+    """Mean colour [7, 3] of each class's pixels over every tile of `ds`."""
+    sums, counts = np.zeros((7, 3)), np.zeros(7)
+    for i in range(len(ds)):
+        s = ds[i]
+        img, m = s["image"].numpy().reshape(3, -1).astype(np.float64), s["mask"].numpy().reshape(-1)
+        for c in range(7):
+            sums[c] += img[:, m == c].sum(1)
+            counts[c] += (m == c).sum()
+    return sums / np.maximum(counts, 1)[:, None]
+
+
+def test_full_shift_is_the_unshifted_domain_exactly():
+    plain = SyntheticAerial("urban", "train", 3, 48, seed=2, sensor="irrg")
+    shifted = SyntheticAerial("urban", "train", 3, 48, seed=2, sensor="irrg", shift=1.0, shift_from="rural")
+    for i in range(3):
+        assert torch.equal(plain[i]["image"], shifted[i]["image"]) and torch.equal(plain[i]["mask"], shifted[i]["mask"])
+
+
+def test_zero_shift_has_the_source_statistics():
+    """Strength 0: the target tiles are new tiles, but with the source's layouts, class frequencies and colours."""
+    n, size = 24, 64
+    rural = SyntheticAerial("rural", "val", n, size, seed=0)
+    zero = SyntheticAerial("urban", "val", n, size, seed=0, shift=0.0, shift_from="rural")
+    urban = SyntheticAerial("urban", "val", n, size, seed=0)
+    assert not torch.equal(rural[0]["image"], zero[0]["image"])  # other tiles ...
+    f_rural, f_zero, f_urban = (_fractions(list(d)) for d in (rural, zero, urban))
+    assert np.abs(f_zero - f_rural).sum() < 0.25 * np.abs(f_urban - f_rural).sum()  # ... the source's classes
+    c_rural, c_zero, c_urban = (_class_colours(d) for d in (rural, zero, urban))
+    assert np.abs(c_zero - c_rural).mean() < 0.25 * np.abs(c_urban - c_rural).mean()  # ... and colours
+
+
+def test_shift_moves_monotonically_from_source_to_target():
+    n, size = 24, 64
+    rural = _class_colours(SyntheticAerial("rural", "val", n, size, seed=0))
+    distances, urban_layouts = [], []
+    for s in SHIFTS:
+        ds = SyntheticAerial("urban", "val", n, size, seed=0, shift=s, shift_from="rural")
+        distances.append(np.abs(_class_colours(ds) - rural).mean())
+        # urban layouts are the tiles with a road grid: many building pixels
+        urban_layouts.append({i for i in range(n) if (ds[i]["mask"] == BUILDING).float().mean() > 0.12})
+    assert all(a < b for a, b in zip(distances, distances[1:])), distances
+    # each tile keeps its own layout coin: the set of urban-layout tiles only grows with the strength
+    assert all(a <= b for a, b in zip(urban_layouts, urban_layouts[1:]))
+    assert not urban_layouts[0] and len(urban_layouts[-1]) > 0.6 * n
+
+
+def test_blend_styles_interpolates_every_parameter():
+    from lpcgma.data.synthetic import _STYLES, blend_styles
+
+    a, b = _STYLES["rural"], _STYLES["urban"]
+    assert blend_styles(a, b, 0.0) == a and blend_styles(a, b, 1.0) == b
+    mid = blend_styles(a, b, 0.25)
+    assert np.allclose(mid.reflectance, 0.75 * np.asarray(a.reflectance) + 0.25 * np.asarray(b.reflectance))
+    assert np.allclose(mid.gain, 0.75 * np.asarray(a.gain) + 0.25 * np.asarray(b.gain))
+    assert mid.noise == pytest.approx(0.75 * a.noise + 0.25 * b.noise)
+    for layers, ta, tb in zip(mid.textures, a.textures, b.textures, strict=True):
+        assert [t.amplitude for t in layers] == pytest.approx(
+            [0.75 * t.amplitude for t in ta] + [0.25 * t.amplitude for t in tb]
+        )
+    assert [v.prob for v in mid.variants] == pytest.approx(
+        [0.75 * v.prob for v in a.variants] + [0.25 * v.prob for v in b.variants]
+    )
+    with pytest.raises(ValueError, match="0 <= s <= 1"):
+        blend_styles(a, b, 1.5)
+
+
+def test_shift_arguments_are_checked():
+    with pytest.raises(ValueError, match="shift"):
+        SyntheticAerial("urban", "train", shift=1.2, shift_from="rural")
+    with pytest.raises(ValueError, match="shift_from"):
+        SyntheticAerial("urban", "train", shift=0.5, shift_from="desert")  # type: ignore[arg-type]
+
+
+def test_write_synthetic_loveda_writes_the_shifted_target(tmp_path):
+    write_synthetic_loveda(tmp_path, num_tiles=2, tile_size=32, seed=5, sensor="rgb", shift=0.4)
+    loaded = LoveDA(tmp_path, "val", "urban")
+    ref = SyntheticAerial("urban", "val", 2, 32, 5, "rgb", shift=0.4, shift_from="rural")
+    for i in range(2):
+        assert torch.equal(loaded[i]["image"], ref[i]["image"]) and torch.equal(loaded[i]["mask"], ref[i]["mask"])

@@ -94,3 +94,34 @@ def test_label_free_search_on_a_target_without_masks(ray_tmp: Path) -> None:
         assert all("target_snd" in r and "source_miou" in r and "target_miou" not in r for r in rows)
         assert t.checkpoint and (Path(t.checkpoint) / "state.pt").is_file()
         assert (Path(t.out_dir) / "checkpoints" / "best" / "state.pt").is_file()  # type: ignore[arg-type]
+
+
+def test_trials_start_from_one_shared_source_model(ray_tmp: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two searches with the same source settings: the first trains the source model once (its own
+    MLflow run, linked from the parent run), every trial of both starts from it, the second reuses it."""
+    from mlflow.tracking import MlflowClient
+
+    from lpcgma.engine.source_stage import MANIFEST_FILE
+
+    uri = f"sqlite:///{ray_tmp}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    stage = ["tracking.log_overlays=0", "source_stage.enabled=true", "source_stage.iters=2"]
+    first = run_search(smoke(ray_tmp, num_samples=2, name="from_source", overrides=stage), *mlflow_hooks())
+    assert first.complete and first.source_model is not None and first.source_model["trained"]
+    key = first.source_model["key"]
+    models = [p for p in (ray_tmp / "store" / "source_models").iterdir() if p.is_dir()]
+    assert [p.name for p in models] == [key] and (models[0] / MANIFEST_FILE).is_file()
+    assert f"source-only (shared source model {key})" in first.format()
+    client = MlflowClient(uri)
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    (source_run,) = [r for r in runs if r.data.tags.get("lpcgma.role") == "source_model"]
+    assert source_run.data.tags["lpcgma.source_model"] == key and source_run.info.status == "FINISHED"
+    (parent,) = [r for r in runs if r.data.tags.get("lpcgma.role") == "search"]
+    assert parent.data.tags["source_model.run_id"] == source_run.info.run_id
+    assert parent.data.metrics["source_model/target_miou"] == pytest.approx(first.source_model["metrics"]["target_miou"])
+    trials = [r for r in runs if r.data.tags.get("lpcgma.role") == "trial"]
+    assert len(trials) == 2 and all(r.data.tags["lpcgma.source_model"] == key for r in trials)
+
+    second = run_search(smoke(ray_tmp, num_samples=1, name="again", overrides=[*stage, "optim.lr=0.002"]))
+    assert second.source_model is not None and second.source_model["key"] == key
+    assert not second.source_model["trained"]  # found in the store: not trained again

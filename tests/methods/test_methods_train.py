@@ -62,6 +62,22 @@ def test_method_trains_end_to_end(method: str, tmp_path: Path) -> None:
     assert result.best_checkpoint is not None and (result.best_checkpoint / "state.pt").is_file()
 
 
+@pytest.mark.parametrize("method", ["self_training", "lpcgma", "sdca", "bida"])
+def test_uda_methods_report_pseudo_label_diagnostics(method: str, tmp_path: Path) -> None:
+    cfg = tiny_config(tmp_path, f"method.name={method}", *METHOD_EXTRAS.get(method, []))
+    result = Trainer(cfg).fit()
+    m = result.final_metrics
+    names = build_datasets(cfg.data).classes.names
+    shares = [m[f"pseudo/label_share/{c}"] for c in names]
+    assert sum(shares) == pytest.approx(1.0) and sum(m[f"pseudo/true_share/{c}"] for c in names) == pytest.approx(1.0)
+    assert 0.0 <= m["pseudo/accuracy"] <= 1.0 and 0.0 <= m["pseudo/confident_frac"] <= 1.0
+    records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert sum("pseudo/miou" in r for r in records) == 2  # one report per evaluation
+    unlabelled = tiny_config(tmp_path / "u", f"method.name={method}", "data.target_labels=false",
+                             "train.select_by=source_miou", *METHOD_EXTRAS.get(method, []))
+    assert not any(k.startswith("pseudo/label_share") for k in Trainer(unlabelled).fit().final_metrics)
+
+
 def test_lpcgma_logs_every_term_and_diagnostics(tmp_path: Path) -> None:
     cfg = tiny_config(tmp_path, "method.name=lpcgma", *METHOD_EXTRAS["lpcgma"])
     result = Trainer(cfg).fit()
