@@ -9,9 +9,10 @@
 #   4. label-free model selection (issue 8): Ray-free random sweeps (experiments/selection_study.py
 #      --runner local, every trial to the end, the defaults first) on the real-tile cross-sensor task and
 #      on the synthetic benchmark at budgets where the models learn; analysed later with --experiment,
-#   5. the methods tables (synthetic and the real-tile cross-sensor task, 3 seeds) trained N runs at a
-#      time (experiments/compare_methods.py --jobs), until the time budget is spent; finished runs
-#      keep their result.json, so a rerun (here or on another machine) picks up where this stopped.
+#   5. the methods tables (the calibrated synthetic task and the real-tile cross-sensor task, 3 seeds,
+#      each method adapting the seed's shared source model: longer schedules than a CPU allows) trained
+#      N runs at a time (experiments/compare_methods.py --jobs), until the time budget is spent;
+#      finished runs and source models are kept, so a rerun (here or elsewhere) picks up where this stopped.
 #
 #   OUT=gpu_out LOVEDA_ROOT=path/to/loveda_sample BUDGET_S=540 bash benchmarks/gpu_suite.sh
 #   SECTIONS="precision" BUDGET_S=500 bash benchmarks/gpu_suite.sh     # only some sections (em steps precision compare selection)
@@ -82,10 +83,13 @@ if section selection; then  # the real-tile sweep gets REAL_SHARE % of what is l
   tar czf "$OUT/selection_runs.tgz" $(find "$RUNS"/selection_* -name result.json -o -name params.json -o -name sweep.json) 2>/dev/null
 fi
 
-synthetic=(data.crop_size=64 train.iters=200 data.synthetic_target_sensor=rgb
-           method.gmm_warmup_iters=50 method.gmm_refit_every=50)
-cross_sensor=("data.root=$LOVEDA_ROOT" train.iters=200 train.eval_every=100 train.checkpoint_every=100
-              method.gmm_warmup_iters=50 method.gmm_refit_every=50)
+# the two-stage protocol (issue 20): every method of seed s adapts seed s's shared source model
+two_stage=(source_stage.enabled=true optim.lr=0.0002 optim.warmup_iters=0 method.gmm_warmup_iters=100
+           method.gmm_refit_every=100)
+synthetic=("${two_stage[@]}" source_stage.iters="${SYN_SOURCE_ITERS:-3000}" train.iters="${SYN_ITERS:-2000}"
+           train.eval_every=500 train.checkpoint_every=500)
+cross_sensor=("data.root=$LOVEDA_ROOT" "${two_stage[@]}" source_stage.iters="${REAL_SOURCE_ITERS:-1500}"
+              train.iters="${REAL_ITERS:-1500}" train.eval_every=500 train.checkpoint_every=500)
 compare() {  # config, out table, overrides…: until the budget (less 20 s to pack) is spent
   local config=$1 table=$2; shift 2
   local t=$(( $(left) - 20 ))
@@ -97,7 +101,7 @@ if section compare; then
   compare synthetic methods_synthetic.md "${synthetic[@]}"
   compare loveda_sample methods_cross_sensor.md "${cross_sensor[@]}"
   compare synthetic ablation_synthetic.md --ablation "${synthetic[@]}"
-  tar czf "$OUT/runs.tgz" $(find "$RUNS" -name result.json -o -name variant.json) 2>/dev/null
+  tar czf "$OUT/runs.tgz" $(find "$RUNS" -name result.json -o -name variant.json -o -name source_model.json) 2>/dev/null
   echo "finished runs: $(find "$RUNS" -name result.json | wc -l)"
 fi
 echo "$(left) s of the budget left"

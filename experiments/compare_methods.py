@@ -3,6 +3,9 @@
     python experiments/compare_methods.py --config synthetic --seeds 0 1 2 --out results/synthetic.md
     python experiments/compare_methods.py --config synthetic --ablation --seeds 0 1 2 --out results/ablation.md
     python experiments/compare_methods.py --config loveda_sample --seeds 0 1 2 --out results/cross_sensor.md
+    python experiments/compare_methods.py --config synthetic --shifts 0 0.25 0.5 0.75 1 --seeds 0 \
+        --only source-only self-training LPCGMA "oracle (target labels)" --plot results/shift.png \
+        source_stage.enabled=true     # the shift-strength curve (one table per strength)
 
 `method.X=…` overrides reach only the methods that have option X; `--jobs N` trains N runs at a time
 (each in its own process, e.g. on a GPU machine with many cores).
@@ -132,12 +135,51 @@ def table(results: dict[str, list[dict[str, float]]], class_names: list[str]) ->
     return "\n".join(lines)
 
 
+def curve_table(curve: dict[float, dict[str, list[dict[str, float]]]]) -> str:
+    """Markdown: one row per shift strength, one column per variant, target mIoU mean ± std (×100)."""
+    names = list(next(iter(curve.values())))
+    lines = ["| shift | " + " | ".join(names) + " |", "|" + "---|" * (len(names) + 1)]
+    for shift, results in curve.items():
+        cells = []
+        for name in names:
+            vals = [100 * r["target_miou"] for r in results.get(name, [])]
+            sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
+            cells.append(f"{statistics.mean(vals):.1f} ± {sd:.1f}" if vals else "-")
+        lines.append(f"| {shift:g} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def curve_figure(curve: dict[float, dict[str, list[dict[str, float]]]], path: Path) -> None:
+    """Target mIoU against shift strength, one line per variant (mean, error bars = std over seeds)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6.4, 4.2))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    shifts = list(curve)
+    for name in next(iter(curve.values())):
+        runs = [[100 * r["target_miou"] for r in curve[s].get(name, [])] for s in shifts]
+        means = [statistics.mean(v) if v else float("nan") for v in runs]
+        sds = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in runs]
+        ax.errorbar(shifts, means, yerr=sds, marker="o", capsize=3, label=name)
+    ax.set_xlabel("data.synthetic_shift (0 = the source's look and layouts, 1 = full shift)")
+    ax.set_ylabel("target mIoU (%)")
+    ax.legend(frameon=False, fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="synthetic", help="config file or packaged config name")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--ablation", action="store_true", help="the LPCGMA ablation instead of the methods")
     p.add_argument("--only", nargs="*", help="run only these variants (names as in the table)")
+    p.add_argument("--shifts", type=float, nargs="*", help="one table per data.synthetic_shift + the curve")
+    p.add_argument("--plot", help="with --shifts: write the curve (PNG) here")
     p.add_argument("--runs-dir", default="runs/compare", help="where each run's folder goes")
     p.add_argument("--out", help="write the markdown table here")
     p.add_argument("--track", action="store_true", help="also log every run to MLflow")
@@ -146,6 +188,8 @@ def main() -> None:
     args = p.parse_args()
     if args.jobs < 1:
         p.error(f"--jobs must be >= 1, got {args.jobs}")
+    if args.shifts and not all(0 <= s <= 1 for s in args.shifts):
+        p.error(f"--shifts must lie in [0, 1], got {args.shifts}")
 
     variants = ABLATION if args.ablation else METHODS
     if args.only:
@@ -156,40 +200,50 @@ def main() -> None:
     unused = set(args.overrides).intersection(*(applicable(args.overrides, v)[1] for v in variants.values()))
     if unused:
         p.error(f"no compared method has the option(s) {sorted(unused)}")
-    base = Path(args.runs_dir) / Path(args.config).stem
-    common_cfg = load_cli_config(args.config, [o for o in args.overrides if not o.startswith("method.")])
-    if common_cfg.source_stage.enabled and not common_cfg.source_stage.store:
-        store = f"source_stage.store={(Path(args.runs_dir) / 'source_models').resolve()}"
-        args.overrides.append(store)
-        common_cfg = replace(common_cfg, dict([store.split("=", 1)]))
-    runs: list[tuple[str, int, list[str]]] = []
-    for name, overrides in variants.items():
-        common, dropped = applicable(args.overrides, overrides)
-        if dropped:
-            print(f"{name}: not applied (its method has no such option): {' '.join(dropped)}", flush=True)
-        runs += [(name, seed, [*common, *overrides]) for seed in args.seeds]
-
-    def report(name: str, seed: int, metrics: dict[str, float]) -> None:
-        results.setdefault(name, []).append(metrics)
-        miou = 100 * metrics["target_miou"]
-        print(f"{name:32s} seed {seed}: target mIoU {miou:.1f} ({metrics['wall_s']:.0f} s)", flush=True)
-
-    results: dict[str, list[dict[str, float]]] = {}
-    if common_cfg.source_stage.enabled:  # before the runs, so that parallel jobs find them in the store
-        results[SOURCE_MODEL_ROW] = source_model_rows(common_cfg, args.seeds)
-    calls = [(args.config, ovr, seed, run_dir(base, ovr, seed), args.track) for _, seed, ovr in runs]
-    for (name, seed, _), metrics in zip(runs, map_in_processes(run_variant, calls, args.jobs), strict=True):
-        report(name, seed, metrics)
-    from lpcgma.data.build import build_datasets
-
-    names = list(build_datasets(common_cfg.data).classes.names)
-    md = table(results, names)
     cmd = "python experiments/compare_methods.py " + " ".join(
         [f"--config {args.config}", "--seeds " + " ".join(map(str, args.seeds))]
         + (["--ablation"] if args.ablation else [])
+        + (["--shifts " + " ".join(f"{s:g}" for s in args.shifts)] if args.shifts else [])
         + args.overrides
     )
-    text = f"{md}\n\nCommand: `{cmd}`\n"
+    base = Path(args.runs_dir) / Path(args.config).stem
+    common_cfg = load_cli_config(args.config, [o for o in args.overrides if not o.startswith("method.")])
+    overrides = list(args.overrides)
+    if common_cfg.source_stage.enabled and not common_cfg.source_stage.store:
+        store = f"source_stage.store={(Path(args.runs_dir) / 'source_models').resolve()}"
+        overrides.append(store)
+        common_cfg = replace(common_cfg, dict([store.split("=", 1)]))
+    shifts: list[float | None] = list(args.shifts) if args.shifts else [None]
+    per_shift = {s: [f"data.synthetic_shift={s}"] if s is not None else [] for s in shifts}
+    runs: list[tuple[float | None, str, int, list[str]]] = []
+    for name, variant in variants.items():
+        common, dropped = applicable(overrides, variant)
+        if dropped:
+            print(f"{name}: not applied (its method has no such option): {' '.join(dropped)}", flush=True)
+        runs += [(s, name, seed, [*common, *per_shift[s], *variant]) for s in shifts for seed in args.seeds]
+
+    results: dict[float | None, dict[str, list[dict[str, float]]]] = {s: {} for s in shifts}
+    if common_cfg.source_stage.enabled:  # before the runs, so that parallel jobs find them in the store
+        for s in shifts:
+            shifted = replace(common_cfg, {"data.synthetic_shift": s}) if s is not None else common_cfg
+            results[s][SOURCE_MODEL_ROW] = source_model_rows(shifted, args.seeds)
+    calls = [(args.config, ovr, seed, run_dir(base, ovr, seed), args.track) for _, _, seed, ovr in runs]
+    for (s, name, seed, _), metrics in zip(runs, map_in_processes(run_variant, calls, args.jobs), strict=True):
+        results[s].setdefault(name, []).append(metrics)
+        at = f" at shift {s:g}" if s is not None else ""
+        miou = 100 * metrics["target_miou"]
+        print(f"{name:32s} seed {seed}{at}: target mIoU {miou:.1f} ({metrics['wall_s']:.0f} s)", flush=True)
+    from lpcgma.data.build import build_datasets
+
+    names = list(build_datasets(common_cfg.data).classes.names)
+    parts = [f"### data.synthetic_shift = {s:g}\n\n{table(r, names)}" if s is not None else table(r, names)
+             for s, r in results.items()]  # fmt: skip
+    if args.shifts:
+        curve = {s: r for s, r in results.items() if s is not None}
+        parts.insert(0, "### Target mIoU against shift strength\n\n" + curve_table(curve))
+        if args.plot:
+            curve_figure(curve, Path(args.plot))
+    text = "\n\n".join(parts) + f"\n\nCommand: `{cmd}`\n"
     print(text)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

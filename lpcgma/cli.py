@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from lpcgma.config import ConfigError, ExperimentConfig, load_config, resolve_config_path
+from lpcgma.engine.errors import CheckpointError
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -44,8 +45,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = load_cli_config(args.config, args.overrides)
     resuming = args.resume_from or (cfg.train.resume and latest_checkpoint(Path(cfg.train.out_dir) / "checkpoints"))
     if cfg.source_stage.enabled and not resuming:  # here, so that the source stage has its MLflow run
-        model = ensure_source_model(cfg, _source_stage_callbacks)
-        print(f"source model {model.key}: {'trained' if model.trained else 'from the cache'} at {model.uri}")
+
+        def say(line: str) -> None:
+            print(line, file=sys.stderr, flush=True)
+
+        model = ensure_source_model(cfg, _source_stage_callbacks, log=say)
+        say(f"source model {model.key}: {'trained' if model.trained else 'from the cache'} at {model.uri}")
     result = Trainer(cfg, _tracking_callbacks(cfg)).fit(args.resume_from)
     summary = {
         "step": result.step,
@@ -326,7 +331,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
-    except (ConfigError, FileNotFoundError, ValueError) as e:
+    except (ConfigError, FileNotFoundError, ValueError, CheckpointError) as e:
         print(f"lpcgma: error: {e}", file=sys.stderr)
         return 2
 

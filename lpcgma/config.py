@@ -10,6 +10,7 @@ error that lists the keys it does have.
 
 from __future__ import annotations
 
+import copy
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields, is_dataclass
@@ -151,7 +152,8 @@ class SelfTrainingConfig(MethodConfig):
     name: str = "self_training"
     lambda_st: float = 1.0  # λ_st: weight of the target pseudo-label CE
     pseudo_threshold: float = 0.968  # δ: confidence threshold of the pseudo-label quality weight
-    pseudo_weighting: Literal["fraction", "confidence"] = "fraction"  # DACS fraction or per-pixel q_t
+    pseudo_weighting: Literal["fraction", "confidence", "threshold"] = "fraction"  # DACS fraction, per-pixel q_t,
+    # or threshold (1 where q_t ≥ δ, else 0: FixMatch / CBST)
     classmix: bool = True  # ClassMix source classes into target images (DACS)
     strong_augment: bool = False  # colour jitter + blur of the student's (mixed) target view, not the teacher's (DACS)
 
@@ -524,15 +526,27 @@ def load_config(
         if not isinstance(loaded, dict):
             raise ConfigError(f"config file '{p}' must hold a mapping of sections, got {type(loaded).__name__}")
         tree = loaded
+    file_tree = copy.deepcopy(tree)
     items = overrides.items() if isinstance(overrides, Mapping) else (parse_override(o) for o in overrides)
     for key, value in items:
         _set_dotted(tree, key, value)
     try:
         cfg = _build(ExperimentConfig, tree, "")
     except ConfigError as e:
-        where = f" (in '{path}')" if path is not None else ""
-        raise ConfigError(f"{e}{where}") from e
+        raise ConfigError(f"{e}{_blame(path, file_tree)}") from e
     return cfg.validate()
+
+
+def _blame(path: str | Path | None, file_tree: dict[str, Any]) -> str:
+    """Where a key or value that failed to build came from: the file, or (when the file alone
+    builds) the command-line overrides."""
+    if path is None:
+        return ""
+    try:
+        _build(ExperimentConfig, file_tree, "")
+    except ConfigError:
+        return f" (in '{path}')"
+    return " (from the command-line overrides)"
 
 
 def replace(cfg: ExperimentConfig, overrides: Mapping[str, Any]) -> ExperimentConfig:

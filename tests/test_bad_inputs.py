@@ -86,6 +86,8 @@ def test_bad_override_exits_2_naming_key_and_value_before_writing(
     err = capsys.readouterr().err
     assert all(w in err for w in words), err
     assert not out.exists()
+    if "unknown config key" in err:  # the key came from the command line, not the packaged file
+        assert "(from the command-line overrides)" in err and "synthetic.yaml" not in err
 
 
 def test_missing_dataset_path_exits_2_before_anything_is_written(
@@ -252,3 +254,35 @@ def test_the_damages_above_are_real_on_an_intact_tree(loveda_tree: Path, tmp_pat
     argv = ["train", "--config", "loveda", f"data.root={loveda_tree}", f"train.out_dir={out}", *TINY_LOVEDA]
     assert main(argv) == 0
     assert {"config.yaml", "metrics.jsonl", "checkpoints/best/state.pt"} <= set(_written(out))
+
+
+class _Crafted:
+    def __reduce__(self):  # type: ignore[no-untyped-def]
+        return (shutil.rmtree, ("/nonexistent-lpcgma-test",))
+
+
+@pytest.mark.parametrize("entry", ["evaluate", "init_checkpoint", "resume-from"])
+def test_crafted_checkpoint_exits_2_with_one_line_and_no_unsafe_advice(
+    entry: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import pickle
+
+    ckpt = tmp_path / "crafted"
+    ckpt.mkdir()
+    with open(ckpt / "state.pt", "wb") as f:
+        pickle.dump({"step": 1, "method": _Crafted()}, f)
+    cfg = load_config(None, ["data.synthetic_tiles=2", "data.synthetic_tile_size=32", "data.crop_size=32",
+                             "model.backbone=resnet18", "model.pretrained=false", *TINY_LOVEDA[2:]])  # fmt: skip
+    (ckpt / "config.yaml").write_text(dump_config(cfg))
+    train = ["train", *TINY_LOVEDA, "data.synthetic_tiles=2", "data.synthetic_tile_size=32", "data.crop_size=32",
+             f"train.out_dir={tmp_path / 'run'}"]  # fmt: skip
+    argv = {
+        "evaluate": ["evaluate", "--checkpoint", str(ckpt)],
+        "init_checkpoint": [*train, f"model.init_checkpoint={ckpt}"],
+        "resume-from": [*train[:1], "--resume-from", str(ckpt), *train[1:]],
+    }[entry]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(ckpt / "state.pt") in err
+    assert "not a checkpoint this project can load safely" in err
+    assert "weights_only` set to `False" not in err and "Re-running" not in err and "Traceback" not in err

@@ -41,6 +41,20 @@ def test_train_then_evaluate_on_synthetic(tmp_path: Path, capsys: pytest.Capture
     assert evaluated["target_miou"] == pytest.approx(summary["best_target_miou"], abs=1e-6)
 
 
+def test_train_from_the_shared_source_model(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    store = tmp_path / "models"
+    args = ["train", "--config", "synthetic", *TINY, "data.synthetic_tiles=2", "data.synthetic_tile_size=32",
+            "data.crop_size=32", "train.eval_window=32", "train.eval_stride=32", "method.name=self_training",
+            "source_stage.enabled=true", "source_stage.iters=2", f"source_stage.store={store}"]  # fmt: skip
+    assert main([*args, f"train.out_dir={tmp_path / 'a'}"]) == 0
+    first = capsys.readouterr()
+    assert json.loads(first.out)["step"] == 4  # stdout stays the JSON summary
+    key = next(p.name for p in store.iterdir() if p.is_dir())
+    assert f"source model {key}: trained at {store / key}" in first.err
+    assert main([*args, f"train.out_dir={tmp_path / 'b'}"]) == 0
+    assert f"source model {key}: from the cache" in capsys.readouterr().err
+
+
 def test_train_on_real_loveda_tiles(loveda_sample: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """The cross-sensor task on real imagery: Rural RGB tiles → the same tiles through the IRRG model."""
     args = [

@@ -169,3 +169,16 @@ def test_planning_against_the_aws_node_types(tmp_path: Path) -> None:
     assert four_gpu.max_concurrent == 3 and not four_gpu.inline  # 3 g5.12xlarge × 4 GPUs
     with pytest.raises(ResourceError, match="largest node has 4"):
         plan_resources([head, *workers], 1, 4, 8)
+
+
+def test_the_nodes_environment_file_is_never_committed() -> None:
+    """clusters/lpcgma.env (the real copy of lpcgma.env.example) is git-ignored, yet still synced to the nodes."""
+    import shutil
+    import subprocess
+
+    if shutil.which("git") is None or not (REPO / ".git").exists():
+        pytest.skip("not a git checkout")
+    ignored = subprocess.run(["git", "check-ignore", "-q", "clusters/lpcgma.env"], cwd=REPO, check=False)
+    assert ignored.returncode == 0
+    aws = yaml.safe_load((REPO / "clusters" / "aws.yaml").read_text())
+    assert "clusters/lpcgma.env" not in aws.get("rsync_exclude", []) and "rsync_filter" not in aws

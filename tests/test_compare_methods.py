@@ -82,3 +82,21 @@ def test_an_option_no_compared_method_has_is_refused(tmp_path: Path) -> None:
     assert res.returncode != 0
     assert "method.gmm_warmup_iter=1" in res.stderr and "no compared method has" in res.stderr
     assert not (tmp_path / "runs").exists()
+
+
+def test_shift_curve_from_a_shared_source_model(tmp_path: Path) -> None:
+    """--shifts: a table per strength and the curve; every seed's runs start from that seed's source model."""
+    out, plot = tmp_path / "curve.md", tmp_path / "curve.png"
+    args = ["--only", "source-only", "self-training", "--seeds", "0", "--shifts", "0", "1", "--jobs", "2",
+            "--out", str(out), "--plot", str(plot), *TINY, "source_stage.enabled=true",
+            "source_stage.iters=2"]  # fmt: skip
+    res = _run(tmp_path, *args)
+    assert res.returncode == 0, res.stderr[-3000:]
+    text = out.read_text()
+    assert "### Target mIoU against shift strength" in text and "| shift | source model (stage 1) |" in text
+    assert "### data.synthetic_shift = 0" in text and "### data.synthetic_shift = 1" in text
+    assert plot.is_file() and plot.stat().st_size > 0
+    models = [p for p in (tmp_path / "runs" / "source_models").iterdir() if p.is_dir()]
+    assert len(models) == 1  # one seed, one source model for every strength and method
+    assert len(list((tmp_path / "runs" / "synthetic").glob("*/result.json"))) == 4
+    assert "--shifts 0 1" in text and "source_stage.store" not in text  # the command as typed

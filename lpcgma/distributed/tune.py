@@ -73,6 +73,7 @@ SMOKE_OVERRIDES: tuple[str, ...] = (
     "model.backbone=resnet18",
     "model.pretrained=false",
     "tracking.log_overlays=0",
+    "source_stage.iters=2",  # a tiny source stage when one is asked for
 )
 SMOKE_MAX_SAMPLES = 3
 BOOTSTRAP_CONFIG = Path("~/ray_bootstrap_config.yaml")  # present on the head of a `ray up` cluster

@@ -9,6 +9,7 @@ checkpoint intact. Loading uses ``torch.load(weights_only=True)``: a crafted pic
 from __future__ import annotations
 
 import os
+import pickle
 import random
 import re
 import shutil
@@ -18,13 +19,11 @@ from typing import Any
 
 import torch
 
+from lpcgma.engine.errors import CheckpointError
+
 STATE_FILE = "state.pt"
 CONFIG_FILE = "config.yaml"
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint could not be written or read; the message names the path."""
 
 
 def rng_state() -> dict[str, Any]:
@@ -89,8 +88,21 @@ def read_checkpoint(directory: str | Path, map_location: str | torch.device = "c
         return torch.load(file, map_location=map_location, weights_only=True)  # type: ignore[no-any-return]
     except Exception as e:  # pickle.UnpicklingError for crafted files, RuntimeError for truncated ones
         raise CheckpointError(
-            f"checkpoint '{file}' could not be loaded safely (weights_only=True): {type(e).__name__}: {e}"
+            f"'{file}' is not a checkpoint this project can load safely ({_reason(e)}); it loads only "
+            "tensors and plain types, so a foreign or crafted pickle is refused"
         ) from e
+
+
+def _reason(error: Exception) -> str:
+    """Why a load failed, in one line, without PyTorch's advice to turn the safety check off: the
+    blocked global or opcode of a refused pickle, else the error's first sentence."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    found = [line for line in lines if line.startswith(("Trying to load unsupported", "Unsupported"))]
+    if found:
+        return found[0].rstrip(".")
+    if isinstance(error, pickle.UnpicklingError) or not lines:
+        return "not a pickle of tensors and plain types"
+    return lines[0].split(". ")[0].rstrip(".")
 
 
 def step_dir(root: str | Path, step: int) -> Path:

@@ -125,8 +125,8 @@ def stage_config(cfg: ExperimentConfig) -> ExperimentConfig:
             "method": {"name": "source_only", "lambda_proj": ss.projection_contrast},
             "optim": to_dict(ss.optim),
             "train.iters": ss.iters,
-            "train.eval_every": min(cfg.train.eval_every, ss.iters),
-            "train.checkpoint_every": min(cfg.train.checkpoint_every, ss.iters),
+            "train.eval_every": max(1, ss.iters // 4),  # four evaluations (its MLflow curves)
+            "train.checkpoint_every": max(1, ss.iters // 4),
             "data.rcs_enabled": False,
             "model.init_checkpoint": "",
             "source_stage.enabled": False,
@@ -241,18 +241,22 @@ def _local_copy(location: Location, key: str, manifest: dict[str, Any]) -> Path 
     if location.s3 is None:
         folder = Path(location.join(f"{key}/{MODEL_DIR}"))
     else:
-        folder = Path(tempfile.gettempdir()) / "lpcgma-source-models" / key / MODEL_DIR
-        state = folder / STATE_FILE
-        if not (state.is_file() and _sha256(state) == manifest["sha256"]):
-            folder.mkdir(parents=True, exist_ok=True)
-            fs = location.filesystem()
-            for name in (STATE_FILE, CONFIG_FILE):
-                remote = location.join(f"{key}/{MODEL_DIR}/{name}")
-                if fs.get_file_info(remote).type != pafs.FileType.File:
-                    return None
-                with fs.open_input_stream(remote) as src, open(folder / f".{name}.part", "wb") as dst:
-                    shutil.copyfileobj(src, dst)  # type: ignore[misc]
-                (folder / f".{name}.part").rename(folder / name)
+        from lpcgma.data.shards import Location
+
+        cache = Location.parse(Path(tempfile.gettempdir()) / "lpcgma-source-models")
+        folder = Path(cache.join(f"{key}/{MODEL_DIR}"))
+        with _key_lock(cache, key):  # trials of one node download it once
+            state = folder / STATE_FILE
+            if not (state.is_file() and _sha256(state) == manifest["sha256"]):
+                folder.mkdir(parents=True, exist_ok=True)
+                fs = location.filesystem()
+                for name in (STATE_FILE, CONFIG_FILE):
+                    remote = location.join(f"{key}/{MODEL_DIR}/{name}")
+                    if fs.get_file_info(remote).type != pafs.FileType.File:
+                        return None
+                    with fs.open_input_stream(remote) as src, open(folder / f".{name}.part", "wb") as dst:
+                        shutil.copyfileobj(src, dst)  # type: ignore[misc]
+                    (folder / f".{name}.part").rename(folder / name)
     state = folder / STATE_FILE
     if not (state.is_file() and (folder / CONFIG_FILE).is_file()) or _sha256(state) != manifest["sha256"]:
         return None

@@ -69,9 +69,10 @@ class EvalReport:
     step: int
     metrics: dict[str, float]
     confusion: Tensor | None  # target [C, C] on rank 0; None elsewhere and without target labels
-    checkpoint: Path | None  # the checkpoint written at this step (rank 0), if any
+    checkpoint: Path | None  # the step checkpoint written at this step (rank 0), if any
     is_best: bool
     previews: list[dict[str, Any]] = field(default_factory=list)  # a few tiles: image, mask, pred, name
+    best_checkpoint: Path | None = None  # checkpoints/best, when this evaluation is the best so far (rank 0)
 
 
 @dataclass
@@ -300,12 +301,13 @@ class Trainer:
         self.best_metric = float(state["best_metric"])
         self.best_step = int(state["best_step"])
 
-    def save_checkpoint(self, is_best: bool) -> Path:
-        """Write step_<N>/ (and best/ when `is_best`), keep the 2 most recent step folders."""
+    def save_checkpoint(self, is_best: bool, step_folder: bool = True) -> Path | None:
+        """Write step_<N>/ (unless not `step_folder`) and best/ when `is_best`; keep the 2 most recent
+        step folders. Returns the step folder (None when not written)."""
         config_yaml = dump_config(self.cfg)
         state = self.state_dict()
-        path = write_checkpoint(step_dir(self.ckpt_root, self.step), state, config_yaml)
-        if is_best:
+        path = write_checkpoint(step_dir(self.ckpt_root, self.step), state, config_yaml) if step_folder else None
+        if is_best:  # every best evaluation, checkpoint step or not: best/ is never stale
             write_checkpoint(self.ckpt_root / "best", state, config_yaml)
         prune_checkpoints(self.ckpt_root, keep=2)
         return path
@@ -586,10 +588,11 @@ class Trainer:
                 self.best_metric, self.best_step, is_best = score, self.step, True
             metrics["best_" + metric] = self.best_metric
             self._write_jsonl({"step": self.step, **metrics})
-        ckpt = self.save_checkpoint(is_best) if do_ckpt and self.is_main else None
+        ckpt = self.save_checkpoint(is_best, step_folder=do_ckpt) if (do_ckpt or is_best) and self.is_main else None
+        best = self.ckpt_root / "best" if is_best and self.is_main else None
         comm.barrier()
         if do_eval or do_ckpt:
-            report = EvalReport(self.step, metrics, confusion, ckpt, is_best, previews)
+            report = EvalReport(self.step, metrics, confusion, ckpt, is_best, previews, best)
             for cb in self.callbacks:
                 cb.on_eval(report)
         return metrics, ckpt

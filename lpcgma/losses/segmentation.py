@@ -36,13 +36,16 @@ def pseudo_label_weight(confidence: Tensor, threshold: float, mode: str) -> Tens
 
     ``fraction`` (DACS): every pixel of image b weighs the fraction of its pixels with q ≥ δ.
     ``confidence``: each pixel weighs its own q.
+    ``threshold`` (FixMatch, CBST): 1 where q ≥ δ, else 0 (only confident pixels are trained on).
     """
     if mode == "fraction":
         frac = (confidence >= threshold).float().mean(dim=(1, 2), keepdim=True)
         return frac.expand_as(confidence)
     if mode == "confidence":
         return confidence
-    raise ValueError(f"method.pseudo_weighting = {mode!r} is invalid: expected 'fraction' or 'confidence'")
+    if mode == "threshold":
+        return (confidence >= threshold).float()
+    raise ValueError(f"method.pseudo_weighting = {mode!r} is invalid: expected 'fraction', 'confidence' or 'threshold'")
 
 
 def entropy_map(logits: Tensor) -> Tensor:

@@ -268,8 +268,9 @@ class MLflowCallback(Callback):
             self._log_figures(report)
         except Exception as e:  # a figure is never worth a training run
             log.warning("evaluation figures of step %d not logged: %s: %s", report.step, type(e).__name__, e)
-        if report.checkpoint is not None and report.is_best:
-            self._log_checkpoint(report.checkpoint, "checkpoints/best")
+        best = report.best_checkpoint or report.checkpoint
+        if report.is_best and best is not None:
+            self._log_checkpoint(best, "checkpoints/best")
             lg.set_tags({"best_step": report.step})
 
     def on_train_end(self, result: TrainResult) -> None:

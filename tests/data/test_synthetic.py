@@ -187,9 +187,9 @@ def test_shift_moves_monotonically_from_source_to_target():
         distances.append(np.abs(_class_colours(ds) - rural).mean())
         # urban layouts are the tiles with a road grid: many building pixels
         urban_layouts.append({i for i in range(n) if (ds[i]["mask"] == BUILDING).float().mean() > 0.12})
-    assert all(a < b for a, b in zip(distances, distances[1:])), distances
+    assert all(a < b for a, b in zip(distances, distances[1:], strict=False)), distances
     # each tile keeps its own layout coin: the set of urban-layout tiles only grows with the strength
-    assert all(a <= b for a, b in zip(urban_layouts, urban_layouts[1:]))
+    assert all(a <= b for a, b in zip(urban_layouts, urban_layouts[1:], strict=False))
     assert not urban_layouts[0] and len(urban_layouts[-1]) > 0.6 * n
 
 

@@ -118,7 +118,8 @@ def test_trials_start_from_one_shared_source_model(ray_tmp: Path, monkeypatch: p
     assert source_run.data.tags["lpcgma.source_model"] == key and source_run.info.status == "FINISHED"
     (parent,) = [r for r in runs if r.data.tags.get("lpcgma.role") == "search"]
     assert parent.data.tags["source_model.run_id"] == source_run.info.run_id
-    assert parent.data.metrics["source_model/target_miou"] == pytest.approx(first.source_model["metrics"]["target_miou"])
+    reported = first.source_model["metrics"]["target_miou"]
+    assert parent.data.metrics["source_model/target_miou"] == pytest.approx(reported)
     trials = [r for r in runs if r.data.tags.get("lpcgma.role") == "trial"]
     assert len(trials) == 2 and all(r.data.tags["lpcgma.source_model"] == key for r in trials)
 

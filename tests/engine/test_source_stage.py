@@ -88,8 +88,8 @@ def test_key_follows_the_source_settings_only(tmp_path: Path) -> None:
 
 
 def test_stage_config_is_source_only_with_the_stage_settings(tmp_path: Path) -> None:
-    cfg = tiny(tmp_path, "method.name=lpcgma", "optim.lr=0.0002", "source_stage.optim.lr=0.003",
-               "source_stage.optim.name=sgd", "source_stage.projection_contrast=0.2", "data.rcs_enabled=true")  # fmt: skip
+    stage_keys = ["source_stage.optim.lr=0.003", "source_stage.optim.name=sgd", "source_stage.projection_contrast=0.2"]
+    cfg = tiny(tmp_path, "method.name=lpcgma", "optim.lr=0.0002", "data.rcs_enabled=true", *stage_keys)
     stage = stage_config(cfg)
     assert stage.method.name == "source_only" and stage.method.lambda_proj == 0.2  # type: ignore[attr-defined]
     assert (stage.train.iters, stage.optim.lr, stage.optim.name) == (2, 0.003, "sgd")
@@ -182,7 +182,8 @@ def test_trainer_starts_from_the_shared_source_model(tmp_path: Path) -> None:
     for name, value in trainer.method.student.state_dict().items():
         assert torch.equal(value, stored[f"student.{name}"]), name
     assert trainer.method.teacher is not None
-    assert torch.equal(trainer.method.teacher.net.classifier.branches[0].weight, stored["student.classifier.branches.0.weight"])
+    teacher_weight = trainer.method.teacher.net.classifier.branches[0].weight
+    assert torch.equal(teacher_weight, stored["student.classifier.branches.0.weight"])
     metrics = evaluate_source_model(replace(cfg, {"data.synthetic_shift": 0.0}), model)
     assert 0.0 <= metrics["target_miou"] <= 1.0 and "source_miou" in metrics
 

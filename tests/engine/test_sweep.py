@@ -107,3 +107,29 @@ def test_a_trial_reaching_the_deadline_stops_and_keeps_its_rows(
     assert [r["step"] for r in read_trial_rows(tmp_path)["trial_000"]] == [2.0]
     late = run_trial(TrialSpec("trial_001", {}, "synthetic", tuple(TINY)), tmp_path, deadline=5.0)
     assert late.status == "skipped" and not (tmp_path / "trial_001").exists()
+
+
+def test_sweep_trials_start_from_the_shared_source_model(tmp_path: Path) -> None:
+    out = tmp_path / "sweep"
+    store = tmp_path / "store"
+    stage = ["source_stage.enabled=true", "source_stage.iters=2", f"source_stage.store={store}"]
+    lines: list[str] = []
+    outcomes = run_sweep("synthetic", [*TINY, *stage], "synthetic", 2, out, seed=1, jobs=2, log=lines.append)
+    assert [o.status for o in outcomes] == ["done", "done"]
+    sweep = json.loads((out / "sweep.json").read_text())
+    model = sweep["source_model"]
+    assert model["trained"] and 0.0 <= model["metrics"]["target_miou"] <= 1.0
+    assert [p.name for p in store.iterdir() if p.is_dir()] == [model["key"]]  # one model, trained once
+    assert sum("training source model" in line for line in lines) == 1
+    again = run_sweep("synthetic", [*TINY, *stage], "synthetic", 1, tmp_path / "other", seed=2, log=lines.append)
+    assert again[0].status == "done" and sum("training source model" in line for line in lines) == 1
+
+
+def test_a_searched_key_that_changes_the_source_model_is_refused(tmp_path: Path) -> None:
+    from lpcgma.config import ConfigError
+
+    space = tmp_path / "space.yaml"
+    space.write_text("data.crop_size:\n  type: choice\n  values: [32, 48]\n")
+    with pytest.raises(ConfigError, match="shared source model"):
+        run_sweep("synthetic", [*TINY, "source_stage.enabled=true"], str(space), 2, tmp_path / "s")
+    assert not (tmp_path / "s" / "trial_000").exists()

@@ -231,3 +231,27 @@ def test_method_steps_under_bf16_autocast(method: str, tmp_path: Path) -> None:
         assert all(torch.isfinite(v).all() for k, v in logs.items() if k.startswith("loss/")), logs
     if method == "lpcgma":
         assert "loss/gmm_fwd" in logs
+
+
+def test_best_checkpoint_is_saved_even_off_the_checkpoint_schedule(tmp_path: Path) -> None:
+    """eval_every=2, checkpoint_every=3: a best evaluation at step 2 or 4 still writes checkpoints/best."""
+    from lpcgma.engine.checkpoint import read_checkpoint
+
+    cfg = tiny_config(tmp_path, "method.name=source_only", "train.eval_every=2", "train.checkpoint_every=3",
+                      "train.select_by=source_miou")  # fmt: skip
+
+    class Bests(Callback):
+        def __init__(self) -> None:
+            self.steps: list[int] = []
+
+        def on_eval(self, report: EvalReport) -> None:
+            if report.is_best:
+                assert report.best_checkpoint is not None and (report.best_checkpoint / "state.pt").is_file()
+                assert int(read_checkpoint(report.best_checkpoint)["step"]) == report.step
+                self.steps.append(report.step)
+
+    bests = Bests()
+    result = Trainer(cfg, [bests]).fit()
+    assert bests.steps and bests.steps[0] == 2  # the first evaluation is always a best, at a non-checkpoint step
+    assert result.best_checkpoint is not None
+    assert int(read_checkpoint(result.best_checkpoint)["step"]) == result.best_step == bests.steps[-1]

@@ -52,6 +52,7 @@ def test_a_tracked_run_has_params_tags_metrics_and_artifacts(
     assert [m.step for m in client.get_metric_history(cb.run_id, "target_miou")] == [2, 4]
     assert [m.step for m in client.get_metric_history(cb.run_id, "target_iou/road")] == [2, 4]
     assert client.get_metric_history(cb.run_id, "pmc/anchors")[0].value == 12.0
+    assert [m.step for m in client.get_metric_history(cb.run_id, "pseudo/accuracy")] == [4]
     files = set(all_artifacts(client, cb.run_id))
     expected = {
         "config.yaml",
@@ -60,6 +61,7 @@ def test_a_tracked_run_has_params_tags_metrics_and_artifacts(
         "plots/confusion_matrix/step_00000002.png",
         "plots/confusion_matrix/step_00000004.png",
         "plots/iou/step_00000002.png",
+        "plots/pseudo_labels/step_00000004.png",
         "overlays/step_00000004/01_tile_1.png",
         "checkpoints/best/state.pt",
         "checkpoints/best/config.yaml",

@@ -30,6 +30,18 @@ def test_confusion_matrix_and_iou_bars(tmp_path: Path) -> None:
     assert all(_is_png(p) for p in (p1, p2, p3))
 
 
+def test_pseudo_label_figure_only_with_diagnostics(tmp_path: Path) -> None:
+    from lpcgma.losses.pseudo_quality import pseudo_label_counts, pseudo_label_report
+
+    names = LOVEDA_CLASSES.names
+    truth = torch.randint(0, len(names), (2, 16, 16))
+    counts = pseudo_label_counts(truth.flip(-1), torch.rand(2, 16, 16), truth, 0.5, len(names))
+    metrics = pseudo_label_report(counts, names)
+    fig = plots.pseudo_label_figure(metrics, names, "pseudo-labels, step 4")
+    assert fig is not None and _is_png(plots.save_figure(fig, tmp_path / "pseudo.png"))
+    assert plots.pseudo_label_figure({"target_miou": 0.3}, names) is None
+
+
 def test_overlay_uses_the_palette(tmp_path: Path) -> None:
     image = torch.randint(0, 256, (3, 16, 20), dtype=torch.uint8)
     mask = torch.full((16, 20), 1)

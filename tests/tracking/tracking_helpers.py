@@ -102,6 +102,12 @@ def fake_report(step: int, ckpt: Path | None, is_best: bool, num_classes: int = 
     metrics = {"target_miou": 0.1 * step, "target_oa": 0.5, "best_target_miou": 0.1 * step}
     metrics |= {f"target_iou/{n}": 0.05 * i for i, n in enumerate(names)}
     metrics["pmc/anchors"] = 12.0
+    if step == 4:  # a self-training method's pseudo-label diagnostics at one evaluation
+        from lpcgma.losses.pseudo_quality import pseudo_label_counts, pseudo_label_report
+
+        truth = torch.randint(0, len(names), (1, 8, 8), generator=g)
+        counts = pseudo_label_counts(truth.roll(1, -1), torch.rand(1, 8, 8, generator=g), truth, 0.5, len(names))
+        metrics |= pseudo_label_report(counts, names)
     previews = [
         {
             "name": f"tile_{i}.png",
