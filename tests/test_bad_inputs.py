@@ -286,3 +286,27 @@ def test_crafted_checkpoint_exits_2_with_one_line_and_no_unsafe_advice(
     assert len(err.splitlines()) == 1 and str(ckpt / "state.pt") in err
     assert "not a checkpoint this project can load safely" in err
     assert "weights_only` set to `False" not in err and "Re-running" not in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("script", "args", "words"),
+    [
+        ("tune_synthetic.py", ["--search-space", "nope"], ["search space 'nope'", "packaged"]),
+        ("tune_synthetic.py", ["train.iterz=3"], ["train.iterz", "command-line overrides"]),
+        ("tune_loveda.py", ["--data-root", "no/such/LoveDA"], ["no/such/LoveDA/Train/Rural/images_png", "Zenodo"]),
+    ],
+)
+def test_experiment_scripts_refuse_bad_input_in_one_line_before_ray(
+    script: str, args: list[str], words: list[str], tmp_path: Path
+) -> None:
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, str(repo / "experiments" / script), "--storage", str(tmp_path / "store"), *args]
+    res = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=300,
+                         env={**__import__("os").environ, "LPCGMA_LOVEDA_ROOT": ""})  # fmt: skip
+    assert res.returncode == 2, res.stderr[-2000:]
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"{script}: error:") and all(w in lines[0] for w in words)
+    assert not (tmp_path / "store").exists()  # nothing started, nothing written

@@ -597,6 +597,19 @@ def resolve_base(settings: SearchSettings) -> ExperimentConfig:
     return cfg
 
 
+def check_data(cfg: ExperimentConfig, remote_cluster: bool = False) -> None:
+    """Build the datasets once before Ray starts, so that a missing or broken dataset is one clear
+    error here instead of a failure in every trial. On a remote cluster a local path that this
+    machine lacks may exist on the workers: it is left to them (with a note)."""
+    from lpcgma.data.build import build_datasets
+
+    d = cfg.data
+    if remote_cluster and d.dataset != "synthetic" and d.root and "://" not in d.root and not Path(d.root).exists():
+        print(f"note: data.root '{d.root}' is not on this machine; the trials will look for it on their nodes")
+        return
+    build_datasets(d)  # ConfigError / DatasetNotFoundError / DataError naming the key or file
+
+
 def _saved_search(settings: SearchSettings, storage: str) -> dict[str, Any] | None:
     text = _read_text(_join(storage, settings.name, SEARCH_FILE))
     return json.loads(text) if text else None
@@ -675,6 +688,7 @@ def run_search(
         base = with_search_store(resolve_base(settings), storage)
         space = load_search_space(settings.search_space, base=base)
         check_searchable(base, space.keys)
+        check_data(base, remote_cluster=settings.address is not None)
         if settings.smoke_test:
             settings.num_samples = min(settings.num_samples, SMOKE_MAX_SAMPLES)
         if not settings.name:
@@ -1092,6 +1106,7 @@ def mlflow_hooks() -> tuple[Callable[[SearchInfo], str | None], Callable[[Search
             from lpcgma.tracking.search import on_search_end
         except ImportError:
             return
+        succeeded = any(t.status != "error" and t.best is not None for t in outcome.trials)
         summary = on_search_end(
             info.base_config,
             info.parent_run_id,
@@ -1099,6 +1114,7 @@ def mlflow_hooks() -> tuple[Callable[[SearchInfo], str | None], Callable[[Search
             metric=outcome.objective,
             mode=outcome.mode,
             space_keys=info.space.keys,
+            status="FINISHED" if succeeded else "FAILED",  # no trial succeeded: the search failed
         )
         try:
             print(mlflow_closing_lines(info, summary), flush=True)
@@ -1185,8 +1201,12 @@ def experiment_main(
         extra.append(f"data.root={args.data_root}")
         if is_shards_root(args.data_root):  # packed by `lpcgma data pack`: stream the shards
             extra.append("data.dataset=shards")
-    settings = settings_from_args(args, extra_overrides=extra)
-    outcome = run_search(settings, *mlflow_hooks())
+    try:
+        settings = settings_from_args(args, extra_overrides=extra)
+        outcome = run_search(settings, *mlflow_hooks())
+    except (ConfigError, ValueError, FileNotFoundError) as e:  # SearchSpaceError, ResourceError, DataError
+        print(f"{Path(sys.argv[0]).name}: error: {e}", file=sys.stderr)
+        return 2
     if args.promote and outcome.complete:
         promote_best(settings.name, settings.objective, settings.mode)
     return 0 if outcome.complete and outcome.best is not None else 1

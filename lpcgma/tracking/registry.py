@@ -422,11 +422,13 @@ def read_image(path: Path) -> np.ndarray:
         with Image.open(path) as im:
             return np.asarray(im.convert("RGB"))
     except Exception as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         try:
             import tifffile
-        except ImportError:
-            raise ValueError(f"cannot read image '{path}': {e}") from e
-        arr = np.asarray(tifffile.imread(path))
+
+            arr = np.asarray(tifffile.imread(path))
+        except Exception:  # not a TIFF either (tifffile's own message names no file)
+            raise ValueError(f"cannot read image '{path}': not a readable PNG, JPEG or TIFF ({first})") from e
         if arr.ndim == 3 and arr.shape[0] in (3, 4) and arr.shape[-1] not in (3, 4):
             arr = arr.transpose(1, 2, 0)
         if arr.dtype != np.uint8:
@@ -461,6 +463,8 @@ def predict_files(
     from lpcgma.tracking.plots import colorize, save_png
 
     files = list_inputs(inputs)
+    for f in files:  # every file readable before the model is loaded: one clear line naming a bad one
+        read_image(f)
     seg = load_segmenter(model_uri, tracking_uri)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

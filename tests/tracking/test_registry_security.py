@@ -43,3 +43,17 @@ def test_predict_inputs(tmp_path: Path) -> None:
     assert [p.name for p in list_inputs([tmp_path])] == ["a.tif", "b.png"]
     with pytest.raises(FileNotFoundError):
         list_inputs([tmp_path / "missing"])
+
+
+@pytest.mark.parametrize("content", [b"not an image at all", b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR truncated"])
+def test_an_unreadable_input_is_named_before_the_model_loads(tmp_path: Path, content: bytes) -> None:
+    from lpcgma.tracking.registry import predict_files, read_image
+
+    bad = tmp_path / "tile.png"
+    bad.write_bytes(content)
+    with pytest.raises(ValueError, match=r"cannot read image '.*tile\.png': not a readable PNG, JPEG or TIFF"):
+        read_image(bad)
+    # the model URI is never opened: the bad file is found first
+    with pytest.raises(ValueError, match="tile.png"):
+        predict_files("models:/does-not-exist@champion", [bad], tmp_path / "out", tracking_uri="sqlite:///nowhere.db")
+    assert not (tmp_path / "out").exists()

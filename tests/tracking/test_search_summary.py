@@ -74,3 +74,21 @@ def test_ray_results_give_trial_status_and_errors() -> None:
     status, errors = ray_trial_status(results)
     assert status == {"ab12c_00000": "KILLED", "3a2b1_00001": "FAILED"}
     assert errors == {"3a2b1_00001": "RuntimeError: nan loss"}
+
+
+def test_a_search_without_a_successful_trial_ends_its_parent_run_failed(tmp_path: Path, file_store: str) -> None:
+    from lpcgma.distributed.search_space import load_search_space
+    from lpcgma.distributed.tune import SearchInfo, SearchOutcome, SearchSettings, TrialSummary, mlflow_hooks
+
+    base = synthetic_cfg(tmp_path / "base", file_store)
+    space = load_search_space("smoke", base=base)
+    start, end = mlflow_hooks()
+    client = MlflowClient(file_store)
+    cases = (("all_failed", ["error", "error"], "FAILED"), ("one_ok", ["error", "finished"], "FINISHED"))
+    for name, statuses, expected in cases:
+        info = SearchInfo(name, str(tmp_path), str(tmp_path / name), base, space, {}, SearchSettings(name=name))
+        info.parent_run_id = start(info)
+        trials = [TrialSummary(f"t{i}", s, None if s == "error" else 0.3, 1, {}, None, None, False, None)
+                  for i, s in enumerate(statuses)]  # fmt: skip
+        end(info, SearchOutcome(str(tmp_path / name), "target_miou", "max", trials))
+        assert client.get_run(info.parent_run_id).info.status == expected  # type: ignore[arg-type]
