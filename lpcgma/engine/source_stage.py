@@ -137,7 +137,11 @@ def stage_config(cfg: ExperimentConfig) -> ExperimentConfig:
 def source_settings(cfg: ExperimentConfig) -> dict[str, Any]:
     """The resolved keys of `cfg`'s source stage that change the source model (hashed into its key)."""
     flat = flatten(stage_config(cfg))
-    return {k: v for k, v in sorted(flat.items()) if not any(_matches(k, n) for n in _NOT_HASHED)}
+    return {k: v for k, v in sorted(flat.items()) if not _unhashed(k)}
+
+
+def _unhashed(key: str) -> bool:
+    return any(_matches(key, n) for n in _NOT_HASHED)
 
 
 def _matches(key: str, name: str) -> bool:
@@ -388,7 +392,8 @@ def ensure_source_model(
                 "sha256": _sha256(model / STATE_FILE),
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 "train_seconds": round(time.time() - t0, 1),
-                "metrics": metrics,
+                "metrics": metrics,  # its last evaluation, on the target of the config that trained it:
+                "metrics_target": {k: v for k, v in flatten(cfg).items() if k.startswith("data.") and _unhashed(k)},
             }
             if location.s3 is None:
                 final = Path(location.join(f"{key}/{MODEL_DIR}"))

@@ -52,7 +52,7 @@ def test_crafted_pickle_is_refused(tmp_path: Path) -> None:
         pickle.dump({"step": 1, "x": _Evil()}, f)
     with pytest.raises(CheckpointError, match="not a checkpoint this project can load safely") as err:
         read_checkpoint(d)
-    assert "posix.system" in str(err.value) or "not a pickle" in str(err.value)
+    assert "Unsupported" in str(err.value) or "unsupported GLOBAL" in str(err.value)  # the blocked op or global
     assert "weights_only` set to `False" not in str(err.value) and "Re-running" not in str(err.value)
 
 

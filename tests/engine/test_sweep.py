@@ -45,7 +45,8 @@ def test_points_start_with_the_defaults_then_seeded_draws_inside_the_space() -> 
         assert set(point) == set(space.keys)
         assert all(p.contains(point[p.key]) for p in space.params), point
     lr = [p["optim.lr"] for p in points[1:]]  # loguniform: spread over the decades, not clustered at the top
-    assert min(lr) < math.sqrt(3e-4 * 3e-3) < max(lr)
+    (lr_param,) = [p for p in space.params if p.key == "optim.lr"]
+    assert min(lr) < math.sqrt(lr_param.low * lr_param.high) < max(lr)
     assert {type(p["method.gaussians_per_class"]) for p in points} == {int}
     with pytest.raises(ValueError, match="at least 1 trial"):
         sample_points(space, base, 0, seed=0)
