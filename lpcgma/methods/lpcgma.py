@@ -2,7 +2,7 @@
 
 L = L_base + λ_pmc·L_PMC + λ_pix·L_PIX + λ_fwd·L_FWD; reverse alignment moves the prototypes after
 each optimiser step. Every term has a switch (``method.use_pmc`` …) so ablations are config changes;
-the GMM terms start after ``method.gmm_warmup_iters``. See ../shared/spec/METHODS.md.
+the GMM terms start after ``method.gmm_warmup_iters``. See docs/METHODS.md.
 """
 
 from __future__ import annotations
