@@ -32,6 +32,7 @@ from pathlib import Path
 
 from lpcgma.cli import load_cli_config
 from lpcgma.config import METHOD_CONFIGS, ExperimentConfig, replace, valid_keys
+from lpcgma.engine.checkpoint import drop_step_checkpoints
 from lpcgma.engine.processes import map_in_processes
 from lpcgma.engine.source_stage import ensure_source_model, evaluate_source_model
 from lpcgma.engine.trainer import Trainer
@@ -103,6 +104,7 @@ def run_variant(config: str, overrides: list[str], seed: int, out_dir: Path, tra
     metrics = {k: v for k, v in result.final_metrics.items() if k.startswith("target_")}
     metrics["wall_s"] = time.perf_counter() - t0
     done.write_text(json.dumps(metrics))
+    drop_step_checkpoints(out_dir / "checkpoints")  # finished: its result is read back, best/ is kept
     return metrics
 
 

@@ -65,6 +65,7 @@ def test_table_is_written_and_finished_runs_are_not_trained_again(tmp_path: Path
     assert "method.gmm_warmup_iters=1" in text  # the command line is in the table's file
     results = sorted((tmp_path / "runs" / "synthetic").glob("*/result.json"))
     assert len(results) == 2
+    assert not list((tmp_path / "runs" / "synthetic").glob("*/checkpoints/step_*"))  # finished: best/ only
     # self-training's folder holds no LPCGMA option: the same run as without the option
     st = next(r for r in results if "self_training" in (r.parent / "variant.json").read_text())
     assert "gmm_warmup_iters" not in (st.parent / "variant.json").read_text()

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from lpcgma.config import ExperimentConfig, load_config, replace, resolve_config_path
+from lpcgma.engine.checkpoint import drop_step_checkpoints
 from lpcgma.engine.processes import map_in_processes
 from lpcgma.engine.source_stage import check_searchable, ensure_source_model, evaluate_source_model
 from lpcgma.engine.trainer import Callback, EvalReport, Trainer
@@ -115,6 +116,7 @@ def run_trial(spec: TrialSpec, out: Path, deadline: float | None = None) -> Tria
     status = "done"
     try:
         Trainer(cfg, [_ResultRows(result, spec.trial_id, deadline)]).fit()
+        drop_step_checkpoints(trial_dir / "checkpoints")  # finished: its rows are read back, best/ is kept
     except SweepDeadline:
         status = "deadline"
     rows = _rows(result)

@@ -15,13 +15,14 @@ only (other ranks do nothing):
   (pseudo-label quality ``pseudo/…`` among them) as metrics with the step;
   ``plots/confusion_matrix/step_<N>.png``, ``plots/iou/step_<N>.png``,
   ``plots/pseudo_labels/step_<N>.png`` and ``overlays/step_<N>/<tile>.png``; when the evaluation is
-  the best so far and a checkpoint was written, that checkpoint as ``checkpoints/best``
-  (``state.pt`` + ``config.yaml``).
-- end: the last checkpoint as ``checkpoints/final``, status FINISHED; on an exception FAILED with
+  the best so far, its model as ``checkpoints/best`` (``state.pt`` with the student's weights, step and
+  classes — what promotion and prediction load, a quarter of a resumable checkpoint — + ``config.yaml``).
+- end: the last checkpoint's model as ``checkpoints/final``, status FINISHED; on an exception FAILED with
   the reason in the tag ``error`` (KeyboardInterrupt / a stop request: KILLED).
 
 All writes go through `RunLogger`: a down or slow server never stops training (see `offline`).
-Only the final and best checkpoints are kept in MLflow; the step folders stay in the run folder.
+Only the best and final models are kept in MLflow; the resumable checkpoints (optimiser, teacher,
+method state, RNG) stay in the run folder.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lpcgma.config import ExperimentConfig, dump_config, flatten
-from lpcgma.engine.checkpoint import CONFIG_FILE, STATE_FILE
+from lpcgma.engine.checkpoint import CONFIG_FILE, STATE_FILE, read_checkpoint, write_checkpoint
 from lpcgma.engine.source_stage import source_key
 from lpcgma.engine.trainer import Callback, EvalReport, TrainResult
 from lpcgma.tracking import plots
@@ -52,6 +53,7 @@ RUN_FILE = "mlflow_run.json"  # in the run folder: which MLflow run this folder 
 CLASSES_FILE = "classes.json"  # artifact: class names, palette and normalisation of the run's data
 PARENT_TAG = "mlflow.parentRunId"
 ROLE_TAG = "lpcgma.role"  # "train" (standalone), "trial" (a search's child), "search" (parent), "source_model"
+_MODEL_KEYS = ("step", "method_name", "class_names")  # with the student's weights: a logged checkpoint
 SOURCE_MODEL_TAG = "lpcgma.source_model"  # the shared source model's key: on its own run and on the runs from it
 TRIAL_TAG = "ray.trial_id"
 SEARCH_TAG = "search"
@@ -336,12 +338,18 @@ class MLflowCallback(Callback):
                 lg.log_artifact(folder, f"overlays/{tag}")
 
     def _log_checkpoint(self, folder: Path, artifact_path: str) -> None:
-        assert self.logger is not None
-        state = folder / STATE_FILE
-        if not state.is_file():
+        """Log the model of checkpoint `folder` (the student's weights, step and classes: what
+        promotion and prediction load, a quarter of a resumable checkpoint) and its config."""
+        assert self.logger is not None and self.out_dir is not None
+        if not (folder / STATE_FILE).is_file():
             log.warning("no %s in %s: checkpoint not logged", STATE_FILE, folder)
             return
-        self.logger.log_artifact(state, artifact_path)
+        state = read_checkpoint(folder)
+        slim = {k: v for k, v in state.items() if k in _MODEL_KEYS}
+        slim["method"] = {k: v for k, v in state["method"].items() if k.startswith("student.")}
+        # kept in the run folder: an offline record uploads the file later, from this path
+        kept = write_checkpoint(self.out_dir / "mlflow_models" / artifact_path.replace("/", "_"), slim, "")
+        self.logger.log_artifact(kept / STATE_FILE, artifact_path)
         config = folder / CONFIG_FILE
         if config.is_file():
             self.logger.log_text(redact_yaml_text(config.read_text()), f"{artifact_path}/{CONFIG_FILE}")

@@ -81,6 +81,8 @@ def test_sweep_writes_tune_style_rows_resumes_and_respects_the_deadline(tmp_path
     config = (out / "trial_001" / "config.yaml").read_text()  # the trial trained its own point
     assert f"lr: {params['optim.lr']}" in config
     assert any("trial_001: done" in line and "target_miou=" in line for line in lines)
+    ckpts = out / "trial_001" / "checkpoints"  # a finished trial keeps best/ only (disk)
+    assert (ckpts / "best" / "state.pt").is_file() and not list(ckpts.glob("step_*"))
 
     before = (out / "trial_000" / "result.json").stat().st_mtime_ns
     again = run_sweep("synthetic", TINY, "synthetic", 3, out, seed=1, budget_s=1e-9, log=lines.append)

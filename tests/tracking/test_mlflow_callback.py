@@ -70,6 +70,11 @@ def test_a_tracked_run_has_params_tags_metrics_and_artifacts(
     }
     assert expected <= files
     assert not any(f.startswith("checkpoints/step_") for f in files)  # only best + final in MLflow
+    from lpcgma.engine.checkpoint import read_checkpoint
+
+    logged = read_checkpoint(Path(client.download_artifacts(cb.run_id, "checkpoints/final", str(tmp_path / "fin"))))
+    assert set(logged) == {"step", "method", "method_name", "class_names"}  # the model, not the optimiser
+    assert logged["method"] and all(k.startswith("student.") for k in logged["method"])
     # no secret anywhere: params, tags, text artifacts
     local = Path(client.download_artifacts(cb.run_id, "", str(tmp_path / "dl")))
     texts = [p.read_text(errors="ignore") for p in local.rglob("*") if p.suffix in (".yaml", ".json")]

@@ -125,7 +125,8 @@ def write_fake_checkpoint(root: Path, step: int, cfg: Any) -> Path:
     from lpcgma.config import dump_config
     from lpcgma.engine.checkpoint import step_dir, write_checkpoint
 
-    state = {"step": step, "method": {"student.w": torch.ones(4) * step}}
+    state = {"step": step, "method": {"student.w": torch.ones(4) * step, "teacher.net.w": torch.ones(4)},
+             "optimizer": {"state": {}}, "method_name": "self_training", "class_names": ["a", "b"]}  # fmt: skip
     return write_checkpoint(step_dir(root, step), state, dump_config(cfg))
 
 
