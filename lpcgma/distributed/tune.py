@@ -223,6 +223,18 @@ def cluster_nodes() -> list[NodeShape]:
     return out
 
 
+def local_storage_warning(storage: str, nodes: Sequence[NodeShape]) -> str | None:
+    """A warning when trials may run on several nodes but `storage` is a local folder: each node
+    then writes its trials' results and checkpoints to its own disk, where the driver and a resumed
+    search cannot read them. None when the search is single-node or its storage is shared (s3://…)."""
+    if len(nodes) <= 1 or not _is_local(storage):
+        return None
+    return (
+        f"warning: {len(nodes)} nodes but --storage '{storage}' is a local folder: trials on other nodes "
+        "write results and checkpoints to their own disks; use shared storage (e.g. --storage s3://bucket/prefix)"
+    )
+
+
 def autoscaler_nodes(path: str | Path = BOOTSTRAP_CONFIG) -> list[NodeShape]:
     """Worker nodes the autoscaler may still add (declared node types × max_workers).
 
@@ -724,14 +736,18 @@ def run_search(
 
     started = _init_ray(settings)
     try:
+        nodes = planning_nodes(local=settings.address is None)
         plan = plan_resources(
-            planning_nodes(local=settings.address is None),
+            nodes,
             settings.workers_per_trial,
             settings.cpus_per_worker,
             settings.gpus_per_worker,
             settings.max_concurrent,
         )
         print(plan.describe(), flush=True)
+        storage_warning = local_storage_warning(storage, nodes)
+        if storage_warning:
+            print(storage_warning, file=sys.stderr, flush=True)
         experiment_path = _join(storage, settings.name)
         info = SearchInfo(settings.name, storage, experiment_path, base, space, defaults, settings)
         parent = settings.parent_run_id or os.environ.get(PARENT_RUN_ENV) or None

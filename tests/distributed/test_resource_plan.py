@@ -19,11 +19,21 @@ from lpcgma.distributed.tune import (
     TrialSummary,
     autoscaler_nodes,
     evaluations_per_trial,
+    local_storage_warning,
     plan_resources,
     run_search,
 )
 
 TWO_CPUS = [NodeShape(2, 0, 2, "local")]
+
+
+def test_local_storage_on_several_nodes_is_warned_about() -> None:
+    two_nodes = [NodeShape(8, 1, 1, "head"), NodeShape(8, 1, 1, "gpu-worker (autoscaled)")]
+    warning = local_storage_warning("/home/ray/runs/tune", two_nodes)
+    assert warning is not None and "/home/ray/runs/tune" in warning and "2 nodes" in warning and "s3://" in warning
+    assert local_storage_warning("file:///home/ray/runs/tune", two_nodes) is not None
+    assert local_storage_warning("s3://bucket/tune", two_nodes) is None  # shared: every node reads it
+    assert local_storage_warning("/home/ray/runs/tune", TWO_CPUS) is None  # one node: its disk is the storage
 
 
 def test_single_worker_trials_run_inline_and_fill_the_cpus() -> None:
