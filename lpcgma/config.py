@@ -156,6 +156,10 @@ class SelfTrainingConfig(MethodConfig):
     # or threshold (1 where q_t ≥ δ, else 0: FixMatch / CBST)
     classmix: bool = True  # ClassMix source classes into target images (DACS)
     strong_augment: bool = False  # colour jitter + blur of the student's (mixed) target view, not the teacher's (DACS)
+    # the class prior of the pseudo-labels: "source" (the teacher's probabilities as they are) or "em"
+    # (moved to the target's class frequencies, estimated online by EM: docs/METHODS.md, label shift)
+    pseudo_prior: Literal["source", "em"] = "source"
+    prior_momentum: float = 0.99  # running-average momentum of the source and target class priors
 
 
 @dataclass(frozen=True)

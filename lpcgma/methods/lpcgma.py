@@ -23,7 +23,7 @@ from lpcgma.losses.contrast import (
     update_class_freq,
 )
 from lpcgma.losses.gmm import forward_alignment_loss
-from lpcgma.losses.segmentation import IGNORE_INDEX, downsample_labels, pseudo_labels
+from lpcgma.losses.segmentation import IGNORE_INDEX, downsample_labels
 from lpcgma.methods.base import Batch, StepOutput, pixel_rows
 from lpcgma.methods.self_training import SelfTraining, TargetPass
 from lpcgma.methods.views import strong_view
@@ -66,7 +66,7 @@ class LPCGMA(SelfTraining):
         y_mix, q_mix = self._mixed_targets(tp, size)
         z_mix = pixel_rows(tp.student_out["embed"])
         # teacher's clean-target pseudo-labels at feature resolution (reverse alignment, diagnostics)
-        t_pseudo, t_conf = pseudo_labels(tp.teacher_out["logits"])
+        t_pseudo, t_conf = self.pseudo_labels(tp.teacher_out["logits"])
         t_pseudo, t_conf = t_pseudo.reshape(-1), t_conf.reshape(-1)
 
         confident_t = torch.where(t_conf >= m.pmc_target_threshold, t_pseudo, torch.full_like(t_pseudo, IGNORE_INDEX))

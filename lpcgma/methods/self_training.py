@@ -1,17 +1,21 @@
 """Self-training with an EMA teacher, confidence-weighted pseudo-labels and ClassMix (DACS).
 
 L_base = CE(student(x_s), y_s) + λ_st · CE_w(student(x_t'), ŷ_t), x_t' the ClassMix-ed target.
+With ``method.pseudo_prior=em`` the teacher's probabilities are moved to the target's class prior
+(estimated online by EM) before ŷ_t and its confidence are taken (`lpcgma.losses.label_shift`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from lpcgma.config import SelfTrainingConfig
-from lpcgma.losses.segmentation import cross_entropy, pseudo_label_weight, pseudo_labels
+from lpcgma.config import ExperimentConfig, SelfTrainingConfig
+from lpcgma.losses.label_shift import em_prior_step, label_frequencies, prior_corrected_probs
+from lpcgma.losses.segmentation import cross_entropy, pseudo_label_weight
 from lpcgma.methods.base import Batch, Method, StepOutput
 from lpcgma.methods.mixing import classmix_masks, mix
 from lpcgma.methods.views import strong_view
@@ -35,6 +39,56 @@ class SelfTraining(Method):
     """DACS-style self-training: the common base of LPCGMA, SDCA and BiDA."""
 
     uses_teacher = True
+    source_prior: Tensor  # running class frequencies of the source labels [C] (pseudo_prior=em only)
+    target_prior: Tensor  # online-EM estimate of the target's class frequencies [C] (pseudo_prior=em only)
+    prior_steps: Tensor  # EM steps taken (0: the priors start from the next source batch)
+
+    def __init__(self, cfg: ExperimentConfig, class_names: Sequence[str]) -> None:
+        super().__init__(cfg, class_names)
+        if self.mcfg.pseudo_prior == "em":  # checkpointed: a resumed run continues its estimates
+            uniform = torch.full((self.num_classes,), 1.0 / self.num_classes)
+            self.register_buffer("source_prior", uniform.clone())
+            self.register_buffer("target_prior", uniform.clone())
+            self.register_buffer("prior_steps", torch.zeros((), dtype=torch.long))
+
+    @torch.no_grad()
+    def teacher_probs(self, teacher_logits: Tensor) -> Tensor:
+        """The teacher's class probabilities [B,C,…] for pseudo-labels: as they are, or (``em``)
+        moved from the running source prior to the running target prior."""
+        probs = teacher_logits.detach().float().softmax(dim=1)
+        if self.mcfg.pseudo_prior != "em":
+            return probs
+        return prior_corrected_probs(probs, self.target_prior, self.source_prior)
+
+    @torch.no_grad()
+    def pseudo_labels(self, teacher_logits: Tensor) -> tuple[Tensor, Tensor]:
+        """Pseudo-labels ŷ and their confidence q = max of `teacher_probs`, both [B,…]."""
+        conf, labels = self.teacher_probs(teacher_logits).max(dim=1)
+        return labels, conf
+
+    @torch.no_grad()
+    def update_priors(self, source_labels: Tensor, target_logits: Tensor) -> None:
+        """``em`` only: the source prior follows the running class frequency of the source labels, the
+        target prior takes one online EM step on this target batch. Both start from the first source batch."""
+        if self.mcfg.pseudo_prior != "em":
+            return
+        momentum = self.mcfg.prior_momentum
+        freq = label_frequencies(source_labels, self.num_classes).to(self.source_prior)
+        if int(self.prior_steps) == 0:
+            self.source_prior.copy_(freq)
+            self.target_prior.copy_(freq)
+        else:
+            self.source_prior.mul_(momentum).add_((1 - momentum) * freq)
+        corrected = self.teacher_probs(target_logits)
+        self.target_prior.copy_(em_prior_step(self.target_prior, corrected, momentum))
+        self.prior_steps += 1
+
+    def diagnostics(self) -> dict[str, float]:
+        report = super().diagnostics()
+        if self.mcfg.pseudo_prior == "em":  # the estimates, beside pseudo/true_share when labels exist
+            for name, p in zip(self.class_names, self.target_prior.tolist(), strict=True):
+                report[f"prior/target/{name}"] = p
+        return report
 
     @property
     def mcfg(self) -> SelfTrainingConfig:
@@ -47,7 +101,8 @@ class SelfTraining(Method):
         m = self.mcfg
         size = target["image"].shape[-2:]
         t_out = self.teacher(target["image"])
-        pseudo, conf = pseudo_labels(upsample_logits(t_out["logits"], size))
+        self.update_priors(source["mask"], t_out["logits"])
+        pseudo, conf = self.pseudo_labels(upsample_logits(t_out["logits"], size))
         self.record_pseudo_labels(pseudo, conf, target, m.pseudo_threshold)
         weight = pseudo_label_weight(conf, m.pseudo_threshold, m.pseudo_weighting)
         images, labels, mask = target["image"], pseudo, None

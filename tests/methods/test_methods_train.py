@@ -255,3 +255,20 @@ def test_best_checkpoint_is_saved_even_off_the_checkpoint_schedule(tmp_path: Pat
     assert bests.steps and bests.steps[0] == 2  # the first evaluation is always a best, at a non-checkpoint step
     assert result.best_checkpoint is not None
     assert int(read_checkpoint(result.best_checkpoint)["step"]) == result.best_step == bests.steps[-1]
+
+
+@pytest.mark.parametrize("method", ["self_training", "lpcgma"])
+def test_em_prior_pseudo_labels_train_report_and_are_checkpointed(method: str, tmp_path: Path) -> None:
+    extras = ["method.pseudo_prior=em", "method.prior_momentum=0.5", *METHOD_EXTRAS.get(method, [])]
+    cfg = tiny_config(tmp_path, f"method.name={method}", *extras)
+    result = Trainer(cfg).fit()
+    names = build_datasets(cfg.data).classes.names
+    estimate = [result.final_metrics[f"prior/target/{c}"] for c in names]
+    assert sum(estimate) == pytest.approx(1.0, abs=1e-4) and min(estimate) >= 0.0
+    assert result.last_checkpoint is not None
+    state = torch.load(result.last_checkpoint / "state.pt", weights_only=True)["method"]
+    assert int(state["prior_steps"]) == 6 and state["source_prior"].sum() == pytest.approx(1.0, abs=1e-4)
+    plain = Trainer(tiny_config(tmp_path / "plain", f"method.name={method}", *METHOD_EXTRAS.get(method, []))).fit()
+    assert not any(k.startswith("prior/") for k in plain.final_metrics)  # the default keeps the source prior
+    assert plain.last_checkpoint is not None
+    assert "target_prior" not in torch.load(plain.last_checkpoint / "state.pt", weights_only=True)["method"]
