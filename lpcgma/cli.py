@@ -153,6 +153,15 @@ def cmd_data_download(args: argparse.Namespace) -> int:
     return 0 if all(tiles is not None for tiles in found.values()) else 1  # 1: archives still to request
 
 
+def cmd_data_sample(args: argparse.Namespace) -> int:
+    from lpcgma.data.loveda import sample_loveda
+
+    ids = sample_loveda(args.root, args.out, args.tiles, args.split.lower(), args.domain.lower())
+    print(f"copied {len(ids)} LoveDA {args.split}/{args.domain} tiles ({', '.join(ids)}) to {args.out}")
+    print(f"train on them: lpcgma train --config loveda_sample data.root={args.out}")
+    return 0
+
+
 def cmd_data_check(args: argparse.Namespace) -> int:
     from lpcgma.data.check import check_isprs, check_loveda
 
@@ -282,6 +291,13 @@ def build_parser() -> argparse.ArgumentParser:
     download.add_argument("--quiet", action="store_true", help="no progress bar")
     download.add_argument("--password", help="password of encrypted ISPRS zips (given with the download)")
     download.set_defaults(func=cmd_data_download)
+    p = data.add_parser("sample", help="copy N LoveDA tiles to a small folder (loveda_sample.yaml)")
+    p.add_argument("--root", required=True, help="LoveDA folder with Train/ (`lpcgma data download loveda`)")
+    p.add_argument("--out", required=True, help="destination (loveda_sample.yaml reads data/loveda_sample)")
+    p.add_argument("--tiles", type=int, default=16, help="tiles to copy, evenly spread over the ids")
+    p.add_argument("--split", type=str.capitalize, choices=["Train", "Val"], default="Train")
+    p.add_argument("--domain", type=str.capitalize, choices=["Rural", "Urban"], default="Rural")
+    p.set_defaults(func=cmd_data_sample)
     check = data.add_parser("check", help="check a dataset on disk: counts, sizes, masks, missing files")
     check.add_argument("--dataset", choices=["loveda", "isprs"], required=True)
     check.add_argument("--domains", nargs="+", type=str.capitalize, choices=["Rural", "Urban"],

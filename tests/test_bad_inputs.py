@@ -256,6 +256,28 @@ def test_the_damages_above_are_real_on_an_intact_tree(loveda_tree: Path, tmp_pat
     assert {"config.yaml", "metrics.jsonl", "checkpoints/best/state.pt"} <= set(_written(out))
 
 
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (["--tiles", "5"], ["--tiles 5: expected 1 to 2"]),
+        (["--split", "val", "--domain", "urban", "--tiles", "1"], []),  # intact: copies, exit 0
+        (["--root", "no/such/LoveDA"], ["no/such/LoveDA", "Zenodo"]),
+    ],
+    ids=["too-many-tiles", "intact", "missing-root"],
+)
+def test_data_sample_answers_bad_input_in_one_line(
+    loveda_tree: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], args: list[str], words: list[str]
+) -> None:
+    out = tmp_path / "sample"
+    code = main(["data", "sample", "--root", str(loveda_tree), "--out", str(out), *args])
+    err = capsys.readouterr().err
+    if not words:
+        assert code == 0 and len(list((out / "Val" / "Urban" / "masks_png").glob("*.png"))) == 1
+        return
+    assert code == 2 and len(err.strip().splitlines()) == 1 and all(w in err for w in words), err
+    assert not out.exists()
+
+
 class _Crafted:
     def __reduce__(self):  # type: ignore[no-untyped-def]
         return (shutil.rmtree, ("/nonexistent-lpcgma-test",))

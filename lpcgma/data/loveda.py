@@ -3,6 +3,7 @@ it shares with the prepared ISPRS patches."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Literal
 
@@ -147,3 +148,32 @@ class LoveDA(PngPairs):
                     "exists."
                 )
         super().__init__(images_dir, masks_dir, LOVEDA_LUT, what)
+
+
+def sample_loveda(
+    root: str | Path,
+    out: str | Path,
+    tiles: int,
+    split: Literal["train", "val"] = "train",
+    domain: Literal["rural", "urban"] = "rural",
+) -> list[str]:
+    """Copy `tiles` image/mask pairs of one LoveDA split and domain, evenly spread over its numeric
+    ids, from `root` to `out` in the official layout (what ``loveda_sample.yaml`` reads); returns
+    their ids. Every copied mask is decoded and checked first: nothing is written from a tile that
+    would not load. Refuses a destination that already holds tiles."""
+    source = LoveDA(root, split, domain)
+    if not 1 <= tiles <= len(source):
+        raise ValueError(f"--tiles {tiles}: expected 1 to {len(source)} (the tiles of {source.images_dir.parent})")
+    picks = [source.images[int(i)] for i in np.linspace(0, len(source) - 1, tiles).round().astype(int)]
+    picks = sorted(set(picks), key=_sort_key)
+    assert source.masks_dir is not None
+    for image in picks:  # the same checks as training's reader: size and mask values
+        source[source.images.index(image)]
+    folder = Path(out) / _SPLIT_DIRS[split] / _DOMAIN_DIRS[domain]
+    if any(folder.glob("*/*.png")):
+        raise ValueError(f"'{folder}' already holds tiles: choose another --out or remove it")
+    for sub, files in (("images_png", picks), ("masks_png", [source.masks_dir / p.name for p in picks])):
+        (folder / sub).mkdir(parents=True, exist_ok=True)
+        for f in files:
+            shutil.copyfile(f, folder / sub / f.name)
+    return [p.stem for p in picks]

@@ -7,7 +7,7 @@ from hypothesis.extra.numpy import arrays
 from PIL import Image
 
 from lpcgma.data.errors import DataError, DatasetNotFoundError
-from lpcgma.data.loveda import LoveDA, remap_loveda_mask
+from lpcgma.data.loveda import LoveDA, remap_loveda_mask, sample_loveda
 
 from .fixtures import write_loveda_split
 
@@ -107,6 +107,31 @@ def test_corrupt_png(tmp_path, damage):
         ds[1]
 
 
+def test_sample_copies_evenly_spread_tiles_in_the_official_layout(tmp_path):
+    tiles = write_loveda_split(tmp_path / "full", ids=tuple(range(9)))
+    ids = sample_loveda(tmp_path / "full", tmp_path / "sample", 3)
+    assert ids == ["0", "4", "8"]  # first, middle and last of the numeric ids
+    ds = LoveDA(tmp_path / "sample", "train", "rural")
+    assert [ds[i]["name"] for i in range(3)] == ids
+    assert np.array_equal(ds[1]["image"].numpy().transpose(1, 2, 0), tiles[4][0])
+    assert np.array_equal(ds[1]["mask"].numpy(), _expected_mask(tiles[4][1]))
+    with pytest.raises(ValueError, match="already holds tiles"):  # never mixed into an existing sample
+        sample_loveda(tmp_path / "full", tmp_path / "sample", 3)
+
+
+def test_sample_refuses_bad_input_before_writing(tmp_path):
+    write_loveda_split(tmp_path / "full", ids=(0, 1, 2))
+    with pytest.raises(ValueError, match=r"--tiles 4: expected 1 to 3"):
+        sample_loveda(tmp_path / "full", tmp_path / "out", 4)
+    bad = tmp_path / "full" / "Train" / "Rural" / "masks_png" / "2.png"
+    Image.fromarray(np.full((32, 32), 9, dtype=np.uint8)).save(bad)  # not a LoveDA class value
+    with pytest.raises(DataError, match=r"masks_png/2\.png"):
+        sample_loveda(tmp_path / "full", tmp_path / "out", 3)
+    assert not (tmp_path / "out").exists()  # nothing written from a sample that would not load
+    with pytest.raises(DatasetNotFoundError):
+        sample_loveda(tmp_path / "nowhere", tmp_path / "out", 3)
+
+
 def test_invalid_split_or_domain(tmp_path):
     with pytest.raises(ValueError):
         LoveDA(tmp_path, "training", "rural")  # type: ignore[arg-type]
@@ -143,3 +168,11 @@ def test_real_loveda_sample(loveda_sample):
     raw = np.asarray(Image.open(loveda_sample / "Train" / "Rural" / "masks_png" / "1.png"))
     assert np.array_equal(s["mask"].numpy(), _expected_mask(raw))
     assert set(np.unique(s["mask"].numpy())) <= set(range(7)) | {255}
+
+
+def test_sample_of_the_real_tiles_reads_back_identically(loveda_sample, tmp_path):
+    ids = sample_loveda(loveda_sample, tmp_path / "s", 2)
+    full, part = LoveDA(loveda_sample, "train", "rural"), LoveDA(tmp_path / "s", "train", "rural")
+    assert [part[i]["name"] for i in range(len(part))] == ids and len(ids) == 2
+    last = full[len(full) - 1]
+    assert part[1]["name"] == last["name"] and torch.equal(part[1]["mask"], last["mask"])
