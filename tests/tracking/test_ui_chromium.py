@@ -2,7 +2,7 @@
 
 A real `mlflow server` on 127.0.0.1 gets a search the way `lpcgma tune` tracks one (a parent run
 from `on_search_start`, three trial runs logged by `MLflowCallback`, the summary from
-`on_search_end`); `mlflow/compare_screenshot.py` then opens the run-comparison page in Debian's
+`on_search_end`); `experiments/mlflow_compare_screenshot.py` then opens the run-comparison page in Debian's
 chromium (Selenium + chromedriver) and screenshots it. The PNG is kept under pytest's tmp dir and
 copied to ``$LPCGMA_TEST_ARTIFACTS`` when that is set.
 """
@@ -26,7 +26,7 @@ from lpcgma.engine.trainer import TrainResult
 from lpcgma.tracking.runs import MLflowCallback
 from lpcgma.tracking.search import on_search_end, on_search_start, trial_tags
 
-SCRIPT = REPO / "mlflow" / "compare_screenshot.py"
+SCRIPT = REPO / "experiments" / "mlflow_compare_screenshot.py"
 CHROMIUM = Path("/usr/bin/chromium")
 
 pytestmark = [

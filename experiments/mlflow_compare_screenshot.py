@@ -7,15 +7,15 @@ every expected param, saves a PNG and prints the params' rows as the page shows 
 non-zero, saying what is missing, when the page does not show them in time.
 
     # the trials of search "demo" on a running server
-    .venv/bin/python mlflow/compare_screenshot.py --tracking-uri http://127.0.0.1:5000 \\
+    .venv/bin/python experiments/mlflow_compare_screenshot.py --tracking-uri http://127.0.0.1:5000 \\
         --experiment lpcgma-synthetic --search demo --expect-param method.tau_pmc --out compare.png
 
     # the project's local store: a `mlflow server` is started on a free port and stopped at the end
-    .venv/bin/python mlflow/compare_screenshot.py --store sqlite:///$PWD/mlflow/mlflow.db \\
+    .venv/bin/python experiments/mlflow_compare_screenshot.py --store sqlite:///$PWD/mlflow/mlflow.db \\
         --experiment lpcgma-synthetic --search demo --expect-param optim.lr --out compare.png
 
     # given runs (any experiments)
-    .venv/bin/python mlflow/compare_screenshot.py --tracking-uri http://127.0.0.1:5000 \\
+    .venv/bin/python experiments/mlflow_compare_screenshot.py --tracking-uri http://127.0.0.1:5000 \\
         --run-ids RUN1 RUN2 RUN3 --out compare.png
 
 Needs ``apt-get install chromium chromium-driver`` and Selenium (``pip install -e '.[test]'``). The
