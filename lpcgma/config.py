@@ -53,6 +53,9 @@ class DataConfig:
     synthetic_seed: int = 0  # the benchmark's seed (independent of the training seed)
     synthetic_target_sensor: Literal["rgb", "irrg"] = "irrg"  # target radiometry: RGB or IRRG false colour
     synthetic_shift: float = 1.0  # target's shift strength from the source: 0 = the source's look and layouts, 1 = full
+    # the target's materials: "own" (urban roofs, asphalt, …; some classes then look like other source
+    # classes) or "source" (the source's; the shift is radiometry, textures, shadows and layouts)
+    synthetic_target_palette: Literal["own", "source"] = "own"
     # ISPRS only
     isprs_modality: Literal["rgb", "irrg"] = "irrg"  # Potsdam input bands
     isprs_ignore_clutter: bool = False  # True: clutter → ignore (5-class protocol)
@@ -112,6 +115,19 @@ class TrainConfig:
     # over this many fixed training-augmented batches of each domain the student trains on (0 = off:
     # the running averages of the last training batches; noisy with small batches)
     precise_bn_batches: int = 0
+
+    # the schedule: one place for when a run evaluates and checkpoints (the last step always does both)
+    def is_eval_step(self, step: int) -> bool:
+        """Whether the run evaluates after `step` (every `eval_every` steps, and at the last)."""
+        return step % self.eval_every == 0 or step == self.iters
+
+    def is_checkpoint_step(self, step: int) -> bool:
+        """Whether the run writes a step checkpoint after `step` (every `checkpoint_every`, and at the last)."""
+        return step % self.checkpoint_every == 0 or step == self.iters
+
+    def evaluations(self) -> int:
+        """How many evaluations a whole run makes (the steps where `is_eval_step` holds)."""
+        return self.iters // self.eval_every + (1 if self.iters % self.eval_every else 0)
 
 
 # ------------------------------------------------------------------------------------ source stage
@@ -379,7 +395,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if isinstance(value, float) and value.is_integer():
             return int(value)
         if isinstance(value, str) and re.fullmatch(r"[+-]?\d+", value.strip()):
-            return int(value)
+            return int(value.strip())  # str.strip and int() disagree on what is space (e.g. "0\x1f")
         raise ConfigError(f"config key '{key}' = {value!r} is invalid: expected an integer")
     if tp is float:
         if isinstance(value, bool):

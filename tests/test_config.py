@@ -129,3 +129,11 @@ def test_fuzz_overrides_either_load_or_raise_config_error(key: str, value: objec
         assert str(e)
     else:
         yaml.safe_load(dump_config(cfg))  # anything accepted is a valid, dumpable config
+
+
+def test_the_schedule_evaluates_and_checkpoints_on_its_intervals_and_at_the_last_step() -> None:
+    t = load_config(None, ["train.iters=10", "train.eval_every=4", "train.checkpoint_every=3"]).train
+    assert [s for s in range(1, 11) if t.is_eval_step(s)] == [4, 8, 10]
+    assert [s for s in range(1, 11) if t.is_checkpoint_step(s)] == [3, 6, 9, 10]
+    assert t.evaluations() == 3
+    assert load_config(None, ["train.iters=12", "train.eval_every=4"]).train.evaluations() == 3

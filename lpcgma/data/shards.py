@@ -481,16 +481,18 @@ def _source_parts(data: DataConfig) -> list[_Part]:
         for domain in _RURAL_URBAN:  # urban (the default target) in data.synthetic_target_sensor
             sensor = data.synthetic_target_sensor if domain == "urban" else "rgb"
             shift = data.synthetic_shift if domain == "urban" else 1.0
+            palette = data.synthetic_target_palette if domain == "urban" else "own"
             meta = {
                 "tiles": data.synthetic_tiles,
                 "tile_size": data.synthetic_tile_size,
                 "seed": data.synthetic_seed,
                 "sensor": sensor,
                 "shift": shift,
+                "palette": palette,
             }
             for split in SPLITS:
                 n, size, seed = data.synthetic_tiles, data.synthetic_tile_size, data.synthetic_seed
-                ds = SyntheticAerial(domain, split, n, size, seed, sensor, shift, "rural")
+                ds = SyntheticAerial(domain, split, n, size, seed, sensor, shift, "rural", palette)
                 out.append(_Part(domain, split, ds, meta))
         return out
     if not data.root:

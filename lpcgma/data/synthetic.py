@@ -16,10 +16,19 @@ texture the other domain's texture at weight 1 − s plus its own at weight s; m
 kept with their probability scaled the same way) and, for each tile independently, its own layout
 with probability s, else the other domain's. s = 1 is the domain as it is, s = 0 the other domain
 exactly (same style and layout statistics); the sensor is chosen separately.
+
+The palette is chosen separately too. With ``palette="own"`` (the default) each domain has its own
+materials: urban grey roofs, dark asphalt, paved yards — and at shift ≥ 0.5 four urban classes are
+nearer, in mean colour, to another rural class than to their own (building to barren, road to
+background, …): a class painted in another class's colours, which no label-free method can undo.
+With ``palette="source"`` the domain keeps `shift_from`'s class reflectances and material variants,
+so the shift is radiometry, textures, shadows and layouts only and each class stays nearest its own
+source class (RESULTS.md, issue 20).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +44,7 @@ from lpcgma.data.classes import SYNTHETIC_CLASSES, ClassInfo
 Domain = Literal["rural", "urban"]
 Split = Literal["train", "val", "test"]
 Sensor = Literal["rgb", "irrg"]
+Palette = Literal["own", "source"]
 Sample = dict[str, torch.Tensor | str]
 
 BACKGROUND, BUILDING, ROAD, WATER, BARREN, FOREST, AGRICULTURE = range(7)
@@ -151,6 +161,12 @@ def _lerp(a: tuple[float, ...], b: tuple[float, ...], s: float) -> tuple[float, 
     return tuple((1 - s) * x + s * y for x, y in zip(a, b, strict=True))
 
 
+def with_palette(style: _Style, palette_from: _Style) -> _Style:
+    """`style` with `palette_from`'s class reflectances and material variants (radiometry, textures
+    and shadows kept): the look of a domain that shares the other's materials."""
+    return dataclasses.replace(style, reflectance=palette_from.reflectance, variants=palette_from.variants)
+
+
 def blend_styles(a: _Style, b: _Style, s: float) -> _Style:
     """The look at shift `s` from style `a` (s = 0) to style `b` (s = 1); either end is that style."""
     if not 0 <= s <= 1:
@@ -196,12 +212,14 @@ class SyntheticAerial(Dataset[Sample]):
         sensor: Sensor = "rgb",
         shift: float = 1.0,
         shift_from: Domain | None = None,
+        palette: Palette = "own",
     ) -> None:
         for key, value, choices in (
             ("domain", domain, _DOMAIN_IDS),
             ("shift_from", shift_from or domain, _DOMAIN_IDS),
             ("split", split, _SPLIT_IDS),
             ("sensor", sensor, _SENSOR_BANDS),
+            ("palette", palette, {"own": 0, "source": 1}),
         ):
             if value not in choices:
                 raise ValueError(f"SyntheticAerial {key}={value!r}: expected one of {sorted(choices)}")
@@ -213,7 +231,9 @@ class SyntheticAerial(Dataset[Sample]):
             raise ValueError(f"SyntheticAerial shift={shift!r}: expected a strength in [0, 1]")
         self.domain, self.split, self.sensor = domain, split, sensor
         self.num_tiles, self.tile_size, self.seed = num_tiles, tile_size, seed
-        self.shift, self.shift_from = shift, shift_from
+        if palette == "source" and shift_from is None:
+            raise ValueError("SyntheticAerial palette='source' needs shift_from: whose palette to take")
+        self.shift, self.shift_from, self.palette = shift, shift_from, palette
         self._cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
     def __len__(self) -> int:
@@ -222,11 +242,15 @@ class SyntheticAerial(Dataset[Sample]):
     def generate(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         """Tile `index` as numpy (image uint8 [3,H,W], mask uint8 [H,W]), without caching it."""
         key = [self.seed, _DOMAIN_IDS[self.domain], _SPLIT_IDS[self.split], index]
+        own_style = _STYLES[self.domain]
+        if self.palette == "source":
+            assert self.shift_from is not None
+            own_style = with_palette(own_style, _STYLES[self.shift_from])
         if self.shift_from is None or self.shift_from == self.domain or self.shift == 1:
-            return generate_tile(np.random.default_rng(key), self.domain, self.tile_size, self.sensor)
+            return generate_tile(np.random.default_rng(key), self.domain, self.tile_size, self.sensor, own_style)
         # the layout's coin has a stream of its own: the tile's stream is the unshifted tile's
         own_layout = np.random.default_rng([*key, 1]).random() < self.shift
-        style = blend_styles(_STYLES[self.shift_from], _STYLES[self.domain], self.shift)
+        style = blend_styles(_STYLES[self.shift_from], own_style, self.shift)
         layout = self.domain if own_layout else self.shift_from
         return generate_tile(np.random.default_rng(key), layout, self.tile_size, self.sensor, style)
 
@@ -260,19 +284,21 @@ def write_synthetic_loveda(
     seed: int = 0,
     sensor: Sensor = "irrg",
     shift: float = 1.0,
+    palette: Palette = "own",
 ) -> Path:
     """Write the synthetic benchmark in the official LoveDA layout under `root`; return `root`.
 
     ``{Train,Val,Test}/{Rural,Urban}/images_png/<id>.png`` with raw masks in ``masks_png`` (class + 1,
     0 = no-data; none for Test, as in LoveDA). Ids count up across splits and domains. `sensor` is
-    the Urban (target) domain's sensor and `shift` its shift strength from Rural; Rural tiles are RGB.
+    the Urban (target) domain's sensor, `shift` its shift strength from Rural and `palette` whose
+    materials it has (module doc); Rural tiles are RGB.
     """
     root = Path(root)
     next_id = 0
     for split in ("train", "val", "test"):
         for domain in ("rural", "urban"):
             ds = (
-                SyntheticAerial(domain, split, num_tiles, tile_size, seed, sensor, shift, "rural")
+                SyntheticAerial(domain, split, num_tiles, tile_size, seed, sensor, shift, "rural", palette)
                 if domain == "urban"
                 else SyntheticAerial(domain, split, num_tiles, tile_size, seed, "rgb")
             )

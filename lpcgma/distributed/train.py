@@ -76,12 +76,8 @@ class RayReportCallback(Callback):
         self.extra = dict(extra or {})
         self._final: tuple[dict[str, Any], Path | None] | None = None
 
-    def is_eval_step(self, step: int) -> bool:
-        t = self.cfg.train
-        return step % t.eval_every == 0 or step == t.iters
-
     def on_eval(self, report: EvalReport) -> None:
-        if not self.is_eval_step(report.step):
+        if not self.cfg.train.is_eval_step(report.step):
             return
         metrics: dict[str, Any] = {**self.extra, **report.metrics, "step": report.step}
         if report.step == self.cfg.train.iters:

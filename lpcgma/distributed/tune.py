@@ -52,6 +52,7 @@ from typing import Any
 import yaml
 
 from lpcgma.config import ConfigError, ExperimentConfig, load_config, replace, resolve_config_path
+from lpcgma.distributed.credentials import credentials_out_of_env
 from lpcgma.distributed.search_space import SearchSpace, defaults_point, load_search_space, parse_search_space
 from lpcgma.distributed.source_model import obtain_source_model, with_search_store
 
@@ -570,8 +571,7 @@ def default_name(cfg: ExperimentConfig) -> str:
 
 def evaluations_per_trial(cfg: ExperimentConfig) -> int:
     """Reports a full trial makes (ASHA's max_t): one per evaluation, the last at train.iters."""
-    t = cfg.train
-    return t.iters // t.eval_every + (1 if t.iters % t.eval_every else 0)
+    return cfg.train.evaluations()
 
 
 def resolve_objective(objective: str, mode: str | None = None) -> tuple[str, str]:
@@ -588,7 +588,7 @@ def resolve_objective(objective: str, mode: str | None = None) -> tuple[str, str
 
 
 def resolve_base(settings: SearchSettings) -> ExperimentConfig:
-    """The base config: file + smoke overrides (if any) + user overrides; tracking URI from the env.
+    """The base config: file + smoke overrides (if any) + user overrides; the tracking URI resolved.
 
     When the objective is a criterion, each trial's checkpoints/best is selected by it too
     (``train.select_by``), so the checkpoint Tune and MLflow keep is the objective's best. The
@@ -599,9 +599,12 @@ def resolve_base(settings: SearchSettings) -> ExperimentConfig:
 
     overrides = list(SMOKE_OVERRIDES if settings.smoke_test else ()) + list(settings.overrides)
     cfg = load_config(resolve_config_path(settings.config), overrides)
-    env_uri = os.environ.get("MLFLOW_TRACKING_URI", "")
-    if cfg.tracking.enabled and not cfg.tracking.tracking_uri and env_uri:
-        cfg = replace(cfg, {"tracking.tracking_uri": env_uri})  # trials on other nodes see it too
+    if cfg.tracking.enabled and not cfg.tracking.tracking_uri:
+        from lpcgma.tracking.store import resolve_tracking_uri
+
+        # Resolved once, on the driver ($MLFLOW_TRACKING_URI, else the driver's local store): every
+        # trial then writes where the search's parent run is, whatever checkout Ray imports on a worker.
+        cfg = replace(cfg, {"tracking.tracking_uri": resolve_tracking_uri(cfg.tracking)})
     criterion = find_criterion(settings.objective)
     if criterion is not None and find_criterion(cfg.train.select_by) != criterion:
         cfg = replace(cfg, {"train.select_by": criterion.metric})
@@ -788,7 +791,8 @@ def run_search(
             )
             tuner = _build_tuner(settings, trainable, space, defaults, plan, max_t, storage)
         sigint_before = signal.getsignal(signal.SIGINT)
-        results = tuner.fit()
+        with credentials_out_of_env():  # Tune would copy AWS keys into each trial's runtime_env (and Ray's logs)
+            results = tuner.fit()
         outcome = summarize(results, settings.objective, settings.mode, defaults, experiment_path, max_t)
         outcome.source_model = source_model
         outcome.complete = (

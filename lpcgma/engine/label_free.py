@@ -26,13 +26,15 @@ is the one place these modes are defined: the trainer's ``train.select_by`` and 
 
 from __future__ import annotations
 
-from typing import Literal, NamedTuple
+from collections.abc import Callable, Iterable
+from typing import Any, Literal, NamedTuple, TypeVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 Mode = Literal["max", "min"]
+T = TypeVar("T")
 SND_TEMPERATURE = 0.05  # Saito et al. 2021
 
 
@@ -62,6 +64,18 @@ def find_criterion(name: str) -> Criterion | None:
     if name in CRITERIA:
         return CRITERIA[name]
     return next((c for c in CRITERIA.values() if c.metric == name), None)
+
+
+def is_better(value: float, best: float, mode: str) -> bool:
+    """Whether `value` beats `best` under `mode` ("max": larger, "min": smaller); NaN never does.
+    The one "better than" of the project: best checkpoint, best trial, promotion."""
+    return value > best if mode == "max" else value < best
+
+
+def best_of(items: Iterable[T], mode: str, key: Callable[[T], Any] | None = None) -> T:
+    """The best of `items` under `mode` (max or min of `key`, default the item itself)."""
+    pick = max if mode == "max" else min
+    return pick(items, key=key) if key is not None else pick(items)  # type: ignore[type-var, return-value]
 
 
 def resolve_objective(objective: str, mode: str | None = None) -> tuple[str, Mode]:

@@ -74,6 +74,7 @@ _NOT_HASHED = (
     "data.rcs_temperature",  # the stage samples tiles uniformly
     "data.synthetic_target_sensor",
     "data.synthetic_shift",
+    "data.synthetic_target_palette",
     "model.ema_momentum",
     "model.init_checkpoint",
     "train.eval_every",

@@ -42,6 +42,7 @@ from lpcgma.engine.label_free import (
     TARGET_LABEL_FREE,
     Criterion,
     find_criterion,
+    is_better,
     label_free_metrics,
     subsample,
 )
@@ -552,7 +553,7 @@ class Trainer:
                     cb.on_log(self.step, floats)
                 if bar is not None:
                     bar.set_postfix(loss=f"{floats['loss/total']:.3f}", refresh=False)
-            if self.step % cfg.eval_every == 0 or self.step % cfg.checkpoint_every == 0 or done:
+            if cfg.is_eval_step(self.step) or cfg.is_checkpoint_step(self.step):
                 metrics, ckpt = self._eval_and_checkpoint(done)
                 last_ckpt = ckpt or last_ckpt
             if bar is not None:
@@ -572,8 +573,7 @@ class Trainer:
 
     def _eval_and_checkpoint(self, done: bool) -> tuple[dict[str, float], Path | None]:
         cfg = self.cfg.train
-        do_eval = self.step % cfg.eval_every == 0 or done
-        do_ckpt = self.step % cfg.checkpoint_every == 0 or done
+        do_eval, do_ckpt = cfg.is_eval_step(self.step), cfg.is_checkpoint_step(self.step)
         metrics: dict[str, float] = {}
         confusion: Tensor | None = None
         previews: list[dict[str, Any]] = []
@@ -584,7 +584,7 @@ class Trainer:
             metrics, confusion, previews = self.evaluate(self.cfg.tracking.log_overlays)
             metric, mode = self.selection
             score = metrics.get(metric, math.nan)
-            if (score > self.best_metric) if mode == "max" else (score < self.best_metric):  # NaN never does
+            if is_better(score, self.best_metric, mode):
                 self.best_metric, self.best_step, is_best = score, self.step, True
             metrics["best_" + metric] = self.best_metric
             self._write_jsonl({"step": self.step, **metrics})

@@ -42,9 +42,10 @@ from torch import Tensor
 
 from lpcgma.config import ExperimentConfig, load_config
 from lpcgma.engine.checkpoint import CONFIG_FILE, STATE_FILE, read_checkpoint
+from lpcgma.engine.label_free import is_better
 from lpcgma.tracking.offline import retry
 from lpcgma.tracking.runs import CLASSES_FILE, EVAL_SPLIT_TAG, ROLE_TAG, SEARCH_TAG, TRIAL_TAG, eval_split_tag
-from lpcgma.tracking.store import resolve_tracking_uri
+from lpcgma.tracking.store import all_runs, best_over_history, resolve_tracking_uri, tracking_client
 
 log = logging.getLogger(__name__)
 
@@ -86,21 +87,29 @@ class Candidate:
         return str(self.run.info.run_id)
 
 
-def _client(uri: str) -> Any:
-    from mlflow.tracking import MlflowClient
-
-    return MlflowClient(uri)
+_URI_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
 
 
-def _search_all(client: Any, experiment_ids: list[str], filter_string: str) -> list[Any]:
-    runs: list[Any] = []
-    token = None
-    while True:
-        page = client.search_runs(experiment_ids, filter_string=filter_string, max_results=1000, page_token=token)
-        runs.extend(page)
-        token = page.token
-        if not token:
-            return runs
+@contextmanager
+def _fluent_uri(uri: str) -> Any:
+    """MLflow's fluent calls (log_model, download_artifacts) read a process-wide URI, and setting it
+    also writes $MLFLOW_TRACKING_URI / $MLFLOW_REGISTRY_URI into this process's environment. Set both
+    for the call, then put the environment and the tracking URI back: a promotion or a prediction
+    must not leave its store behind for what this process (or its children) does next."""
+    from mlflow.tracking import set_registry_uri, set_tracking_uri
+
+    saved = {k: os.environ.get(k) for k in _URI_ENV}
+    set_tracking_uri(uri)
+    set_registry_uri(uri)
+    try:
+        yield
+    finally:
+        set_tracking_uri(saved["MLFLOW_TRACKING_URI"])  # type: ignore[arg-type]  # None: unset
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def candidate_runs(client: Any, search: str | None = None, experiment: str | None = None) -> list[Any]:
@@ -110,7 +119,7 @@ def candidate_runs(client: Any, search: str | None = None, experiment: str | Non
     if search:
         exps = [e.experiment_id for e in client.search_experiments(view_type=ViewType.ACTIVE_ONLY)]
         quoted = search.replace("'", "\\'")
-        runs = _search_all(client, exps, f"tags.{SEARCH_TAG} = '{quoted}' and tags.`{ROLE_TAG}` = 'trial'")
+        runs = all_runs(client, exps, f"tags.{SEARCH_TAG} = '{quoted}' and tags.`{ROLE_TAG}` = 'trial'")
         if runs or not experiment:
             if not runs:
                 raise PromotionError(f"no trial runs of search {search!r} in MLflow at {client.tracking_uri}")
@@ -119,7 +128,7 @@ def candidate_runs(client: Any, search: str | None = None, experiment: str | Non
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         raise PromotionError(f"no search or experiment named {experiment!r} in MLflow at {client.tracking_uri}")
-    runs = _search_all(client, [exp.experiment_id], f"tags.`{ROLE_TAG}` != 'search'")
+    runs = all_runs(client, [exp.experiment_id], f"tags.`{ROLE_TAG}` != 'search'")
     if not runs:
         raise PromotionError(f"experiment {experiment!r} has no training runs")
     return runs
@@ -131,13 +140,11 @@ def best_candidate(client: Any, runs: Sequence[Any], metric: str, mode: str) -> 
     for run in runs:
         if run.info.status == "FAILED":
             continue
-        history = retry(client.get_metric_history, run.info.run_id, metric)
-        values = [(m.value, m.step) for m in history if m.value is not None and not math.isnan(m.value)]
-        if not values:
+        value, step = retry(best_over_history, client, run.info.run_id, metric, mode)
+        if step < 0:  # never logged
             continue
-        value, step = max(values) if mode == "max" else min(values)
-        if best is None or (value > best.value if mode == "max" else value < best.value):
-            best = Candidate(run, float(value), int(step))
+        if best is None or is_better(value, best.value, mode):
+            best = Candidate(run, value, step)
     if best is None:
         raise PromotionError(f"none of the {len(runs)} runs has the metric {metric!r} (FAILED runs excluded)")
     return best
@@ -177,8 +184,7 @@ def check_better(candidate_value: float, candidate_split: str, champion: Any, me
             f"the candidate ({metric}={candidate_value:.4f} on {candidate_split}) cannot be compared "
             f"with the {where}: different metric or evaluation split"
         )
-    better = candidate_value > champ_value if mode == "max" else candidate_value < champ_value
-    if not better:
+    if not is_better(candidate_value, champ_value, mode):
         return f"the candidate ({metric}={candidate_value:.4f}) is not better than the {where}"
     return None
 
@@ -230,7 +236,6 @@ def promote(
     """Register the best trial's best checkpoint and make it the champion (see the module doc)."""
     from mlflow.models import infer_signature
     from mlflow.pytorch import log_model
-    from mlflow.tracking import set_tracking_uri
     from mlflow.tracking.fluent import set_experiment
     from mlflow.version import VERSION as MLFLOW_VERSION
 
@@ -239,7 +244,7 @@ def promote(
     if not search and not experiment:
         raise ValueError("promote needs a search name or an experiment name")
     uri = resolve_tracking_uri(None, tracking_uri)
-    client = _client(uri)
+    client = tracking_client(uri)
     runs = retry(candidate_runs, client, search, experiment)
     best = best_candidate(client, runs, metric, mode)
     with tempfile.TemporaryDirectory(prefix="lpcgma-promote-") as tmp:
@@ -305,20 +310,20 @@ def promote(
         for k in (SEARCH_TAG, TRIAL_TAG):
             if k in best.run.data.tags:
                 version_tags[k] = best.run.data.tags[k]
-        set_tracking_uri(uri)
-        set_experiment(experiment_id=best.run.info.experiment_id)
-        info = log_model(
-            predictor,
-            name="model",
-            registered_model_name=name,
-            input_example=example,
-            signature=infer_signature(example, out),
-            extra_files=[str(cfg_file), str(t / CLASSES_FILE)],
-            metadata=metadata,
-            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={MLFLOW_VERSION}"],
-            serialization_format="pt2",
-            run_id=best.run_id,
-        )
+        with _fluent_uri(uri):
+            set_experiment(experiment_id=best.run.info.experiment_id)
+            info = log_model(
+                predictor,
+                name="model",
+                registered_model_name=name,
+                input_example=example,
+                signature=infer_signature(example, out),
+                extra_files=[str(cfg_file), str(t / CLASSES_FILE)],
+                metadata=metadata,
+                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={MLFLOW_VERSION}"],
+                serialization_format="pt2",
+                run_id=best.run_id,
+            )
     version = str(info.registered_model_version)
     for k, v in version_tags.items():
         retry(client.set_model_version_tag, name, version, k, v)
@@ -386,15 +391,11 @@ def load_segmenter(model_uri: str, tracking_uri: str | None = None) -> Segmenter
     """Load ``models:/NAME@alias`` (or any MLflow model URI) without unpickling anything."""
     from mlflow.models import Model
     from mlflow.pytorch import load_model
-    from mlflow.tracking import set_registry_uri, set_tracking_uri
-
     # isort may take the project's data folder ./mlflow/ for first-party code: keep this line put
     from mlflow.artifacts import download_artifacts  # isort: skip
 
     uri = resolve_tracking_uri(None, tracking_uri)
-    set_tracking_uri(uri)
-    set_registry_uri(uri)
-    with tempfile.TemporaryDirectory(prefix="lpcgma-model-") as tmp:
+    with _fluent_uri(uri), tempfile.TemporaryDirectory(prefix="lpcgma-model-") as tmp:
         local = Path(download_artifacts(artifact_uri=model_uri, dst_path=tmp))
         meta = Model.load(str(local)).metadata or {}
         with _no_pickle():

@@ -35,6 +35,7 @@ from typing import Any
 import yaml
 
 from lpcgma.config import ExperimentConfig, dump_config
+from lpcgma.engine.label_free import best_of
 from lpcgma.tracking.offline import RunLogger, retry
 from lpcgma.tracking.redaction import redact_mapping, redact_tree, redact_yaml_text
 from lpcgma.tracking.runs import (
@@ -46,7 +47,7 @@ from lpcgma.tracking.runs import (
     TRIAL_TAG,
     run_tags,
 )
-from lpcgma.tracking.store import resolve_tracking_uri
+from lpcgma.tracking.store import all_runs, best_over_history, resolve_tracking_uri, tracking_client
 
 log = logging.getLogger(__name__)
 
@@ -67,12 +68,6 @@ _RAY_TO_MLFLOW = {
 def trial_tags(search_name: str, trial_id: str) -> dict[str, str]:
     """The tags a trial's `MLflowCallback` gets (``search`` and ``ray.trial_id``)."""
     return {SEARCH_TAG: search_name, TRIAL_TAG: str(trial_id)}
-
-
-def _client(uri: str) -> Any:
-    from mlflow.tracking import MlflowClient
-
-    return MlflowClient(uri)
 
 
 def default_record_dir(cfg: ExperimentConfig, search_name: str) -> Path:
@@ -98,28 +93,12 @@ def find_search_runs(client: Any, search_name: str, role: str = "search") -> lis
     if not exps:
         return []
     quoted = search_name.replace("'", "\\'")
-    return _all_runs(
+    return all_runs(
         client,
         exps,
         f"tags.`{ROLE_TAG}` = '{role}' and tags.{SEARCH_TAG} = '{quoted}'",
         order_by=["attributes.start_time DESC"],
     )
-
-
-def _all_runs(
-    client: Any, experiment_ids: list[str], filter_string: str, order_by: list[str] | None = None
-) -> list[Any]:
-    """Every run matching `filter_string`, following MLflow's result pages."""
-    runs: list[Any] = []
-    token = None
-    while True:
-        page = client.search_runs(
-            experiment_ids, filter_string=filter_string, order_by=order_by, max_results=1000, page_token=token
-        )
-        runs.extend(page)
-        token = page.token
-        if not token:
-            return runs
 
 
 def start_search_run(
@@ -133,7 +112,7 @@ def start_search_run(
 ) -> str | None:
     """Start (or with `resume`, continue) the parent run of a search; its id, or None if MLflow is down."""
     uri = resolve_tracking_uri(cfg.tracking, tracking_uri)
-    client = _client(uri)
+    client = tracking_client(uri)
     existing = None
     if resume:
         try:
@@ -165,7 +144,7 @@ def source_model_run(client: Any, key: str) -> str | None:
     if not exps:
         return None
     query = f"tags.`{ROLE_TAG}` = 'source_model' and tags.`{SOURCE_MODEL_TAG}` = '{key}'"
-    found = _all_runs(client, exps, f"{query} and attributes.status = 'FINISHED'", ["attributes.start_time DESC"])
+    found = all_runs(client, exps, f"{query} and attributes.status = 'FINISHED'", ["attributes.start_time DESC"])
     return found[0].info.run_id if found else None
 
 
@@ -176,7 +155,7 @@ def link_source_model(cfg: ExperimentConfig, parent_run_id: str | None, report: 
     if not cfg.tracking.enabled or not parent_run_id:
         return
     try:
-        client = _client(resolve_tracking_uri(cfg.tracking))
+        client = tracking_client(resolve_tracking_uri(cfg.tracking))
         tags = {SOURCE_MODEL_TAG: str(report["key"]), "source_model.uri": str(report["uri"])}
         run_id = source_model_run(client, str(report["key"]))
         if run_id:
@@ -195,14 +174,14 @@ def link_source_model(cfg: ExperimentConfig, parent_run_id: str | None, report: 
 
 def end_search_run(parent_run_id: str, status: str = "FINISHED", tracking_uri: str | None = None) -> None:
     """Set the parent run's final status."""
-    client = _client(resolve_tracking_uri(None, tracking_uri))
+    client = tracking_client(resolve_tracking_uri(None, tracking_uri))
     retry(client.set_terminated, parent_run_id, status=status)
 
 
 def child_runs(client: Any, parent_run_id: str) -> list[Any]:
     """All runs whose ``mlflow.parentRunId`` is `parent_run_id`."""
     parent = client.get_run(parent_run_id)
-    return _all_runs(client, [parent.info.experiment_id], f"tags.`{PARENT_TAG}` = '{parent_run_id}'")
+    return all_runs(client, [parent.info.experiment_id], f"tags.`{PARENT_TAG}` = '{parent_run_id}'")
 
 
 def ray_trial_status(results: Any) -> tuple[dict[str, str], dict[str, str]]:
@@ -243,7 +222,7 @@ def finish_trial_runs(
     `trial_status` maps Ray trial ids to a Ray status (``ERROR``, ``TERMINATED``, …) or an MLflow
     one; trials missing from it are KILLED (a run that did not end itself was stopped).
     """
-    client = _client(resolve_tracking_uri(None, tracking_uri))
+    client = tracking_client(resolve_tracking_uri(None, tracking_uri))
     ended: dict[str, str] = {}
     for run in retry(child_runs, client, parent_run_id):
         if run.info.status not in ("RUNNING", "SCHEDULED"):
@@ -278,16 +257,6 @@ class SearchSummary:
     artifacts: list[str] = field(default_factory=list)
 
 
-def _best_value(client: Any, run: Any, metric: str, mode: str) -> tuple[float, int]:
-    """Best value of `metric` over the run's history, and its step (NaN, -1 when never logged)."""
-    history = client.get_metric_history(run.info.run_id, metric)
-    values = [(m.value, m.step) for m in history if m.value is not None and not math.isnan(m.value)]
-    if not values:
-        return math.nan, -1
-    best = max(values) if mode == "max" else min(values)
-    return float(best[0]), int(best[1])
-
-
 def _parse(value: str) -> Any:
     try:
         f = float(value)
@@ -305,7 +274,7 @@ def trials_table(
     ray_rows: Sequence[Mapping[str, Any]] | None = None,
 ) -> list[dict[str, Any]]:
     """One row per trial run: trial/run ids, status, best metric and step, the searched params."""
-    client = _client(resolve_tracking_uri(None, tracking_uri))
+    client = tracking_client(resolve_tracking_uri(None, tracking_uri))
     runs = retry(child_runs, client, parent_run_id)
     runs.sort(key=lambda r: r.info.start_time or 0)
     if space_keys is None:  # the parent's search space, else the params that differ between trials
@@ -319,7 +288,7 @@ def trials_table(
     by_trial = {str(r.get("trial_id")): r for r in (ray_rows or []) if r.get("trial_id") is not None}
     rows: list[dict[str, Any]] = []
     for i, run in enumerate(runs):
-        best, step = retry(_best_value, client, run, metric, mode)
+        best, step = retry(best_over_history, client, run.info.run_id, metric, mode)
         tid = run.data.tags.get(TRIAL_TAG, "")
         row: dict[str, Any] = {
             "trial_id": tid,
@@ -465,12 +434,12 @@ def log_search_summary(
 ) -> SearchSummary:
     """Log the trials table, Optuna's plots and the best trial to the parent run."""
     uri = resolve_tracking_uri(None, tracking_uri)
-    client = _client(uri)
+    client = tracking_client(uri)
     ray_rows = _ray_rows(results)
     rows = trials_table(parent_run_id, metric, mode, space_keys, uri, ray_rows)
     col = f"best_{metric}"
     scored = [r for r in rows if isinstance(r.get(col), (int, float)) and not math.isnan(r[col])]
-    best = (max if mode == "max" else min)(scored, key=lambda r: r[col]) if scored else None
+    best = best_of(scored, mode, key=lambda r: r[col]) if scored else None
     params = [k for k in (rows[0] if rows else {}) if k not in (*_FIXED_COLUMNS, col) and not k.startswith("ray.")]
     summary = SearchSummary(
         rows,

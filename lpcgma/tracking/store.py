@@ -19,9 +19,10 @@ variables) work unchanged: they come from the server or from the experiment's ar
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from lpcgma.config import ConfigError, TrackingConfig
 
@@ -134,6 +135,41 @@ def get_or_create_experiment(client: MlflowClient, uri: str, name: str) -> str:
         return str(exp.experiment_id)
 
 
+def tracking_client(uri: str) -> MlflowClient:
+    """An MLflow client of the store at `uri` (resolve it first: `resolve_tracking_uri`)."""
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(uri)
+
+
+def all_runs(
+    client: MlflowClient, experiment_ids: list[str], filter_string: str, order_by: list[str] | None = None
+) -> list[Any]:
+    """Every run matching `filter_string`, following MLflow's result pages."""
+    runs: list[Any] = []
+    token = None
+    while True:
+        page = client.search_runs(
+            experiment_ids, filter_string=filter_string, order_by=order_by, max_results=1000, page_token=token
+        )
+        runs.extend(page)
+        token = page.token
+        if not token:
+            return runs
+
+
+def best_over_history(client: MlflowClient, run_id: str, metric: str, mode: str) -> tuple[float, int]:
+    """The best value of `metric` over run `run_id`'s history and its step (NaN, -1 when never logged)."""
+    from lpcgma.engine.label_free import best_of
+
+    history = client.get_metric_history(run_id, metric)
+    values = [(m.value, m.step) for m in history if m.value is not None and not math.isnan(m.value)]
+    if not values:
+        return math.nan, -1
+    value, step = best_of(values, mode)
+    return float(value), int(step)
+
+
 def ui_command(uri: str, port: int = 5000) -> str:
     """How to look at the runs of `uri` in the MLflow UI (a command for a local store, else the URL)."""
     if uri.startswith(("http://", "https://")):
@@ -149,6 +185,9 @@ def run_url(uri: str, experiment_id: str, run_id: str, port: int = 5000) -> str:
 
 __all__ = [
     "ARTIFACTS_DIR",
+    "all_runs",
+    "best_over_history",
+    "tracking_client",
     "DB_FILE",
     "STORE_DIR_NAME",
     "artifact_location_for",

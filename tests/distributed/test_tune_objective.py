@@ -67,6 +67,25 @@ def test_trials_select_their_best_checkpoint_by_a_criterion_objective(tmp_path: 
     assert resolve_base(_settings(tmp_path, objective="loss/total", mode="min")).train.select_by == "target_miou"
 
 
+def test_the_driver_resolves_the_tracking_uri_once_for_every_trial(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Trials must not resolve the default store themselves: on a worker that imports lpcgma from
+    another checkout, the default would be another store (issue 22: the parent run in one, the trials in another)."""
+    import lpcgma.tracking.store as store
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setattr(store, "default_store_dir", lambda: tmp_path / "driver_checkout" / "mlflow")
+    on = _settings(tmp_path, "tracking.enabled=true")
+    driver_db = tmp_path / "driver_checkout" / "mlflow" / "mlflow.db"
+    assert resolve_base(on).tracking.tracking_uri == f"sqlite:///{driver_db}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5999")
+    assert resolve_base(on).tracking.tracking_uri == "http://127.0.0.1:5999"
+    explicit = _settings(tmp_path, "tracking.enabled=true", "tracking.tracking_uri=sqlite:////x/y.db")
+    assert resolve_base(explicit).tracking.tracking_uri == "sqlite:////x/y.db"  # the config's own wins
+    assert resolve_base(_settings(tmp_path)).tracking.tracking_uri == ""  # tracking off: nothing resolved
+
+
 def test_unreported_objective_is_refused_before_ray(tmp_path: Path) -> None:
     import ray
 

@@ -13,6 +13,7 @@ from raytest_helpers import VENV_BIN, free_port, stop_pids
 from lpcgma.distributed.tune import SearchSettings, run_search
 
 pytestmark = pytest.mark.slow
+PLANTED_SECRET = "planted-s3-secret-lpcgma-5c1e"
 
 
 @pytest.fixture
@@ -36,7 +37,7 @@ def moto_s3(ray_tmp: Path, monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-
         for k, v in {
             "AWS_ENDPOINT_URL": endpoint,
             "AWS_ACCESS_KEY_ID": "testing",
-            "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_SECRET_ACCESS_KEY": PLANTED_SECRET,  # moto accepts any key; this one is looked for below
             "AWS_DEFAULT_REGION": "us-east-1",
             "AWS_EC2_METADATA_DISABLED": "true",
         }.items():
@@ -77,3 +78,8 @@ def test_search_with_s3_storage(ray_tmp: Path, moto_s3) -> None:  # type: ignore
     for t in outcome.trials:
         assert t.checkpoint and t.checkpoint.startswith("s3://lpcgma-test/searches/s3smoke/"), t.checkpoint
     assert os.environ["AWS_ENDPOINT_URL"].startswith("http://127.0.0.1:")
+    # The trials wrote to S3 (above) without the secret travelling in their runtime_env: no file under
+    # the Ray session folder, the trial folders or the S3 server's log holds it.
+    leaks = [p for p in ray_tmp.rglob("*") if p.is_file() and PLANTED_SECRET.encode() in p.read_bytes()]
+    assert not leaks, leaks
+    assert sum(1 for p in ray_tmp.rglob("*.log") if p.is_file()) > 3  # Ray's logs were there to search

@@ -14,8 +14,10 @@ from lpcgma.engine.label_free import (
     CRITERIA,
     TARGET_LABEL_FREE,
     argmax_agreement,
+    best_of,
     find_criterion,
     information_maximisation,
+    is_better,
     label_free_metrics,
     mean_entropy,
     resolve_objective,
@@ -202,3 +204,17 @@ def test_subsample_is_fixed_distinct_and_sorted() -> None:
     assert torch.equal(a, b) and len(set(a.tolist())) == 10 and torch.equal(a, a.sort().values)
     assert not torch.equal(a, subsample(1000, 10, 6))
     assert subsample(4, 10, 0).tolist() == [0, 1, 2, 3]
+
+
+def test_is_better_follows_the_mode_and_nan_never_wins() -> None:
+    assert is_better(0.5, 0.4, "max") and not is_better(0.4, 0.5, "max") and not is_better(0.5, 0.5, "max")
+    assert is_better(0.4, 0.5, "min") and not is_better(0.5, 0.4, "min")
+    assert not is_better(math.nan, 0.1, "max") and not is_better(math.nan, 0.1, "min")
+    assert is_better(0.1, -math.inf, "max") and is_better(0.1, math.inf, "min")  # the trainer's starting points
+
+
+def test_best_of_picks_by_mode_and_key() -> None:
+    assert best_of([(0.2, 3), (0.7, 1), (0.5, 2)], "max") == (0.7, 1)
+    assert best_of([(0.2, 3), (0.7, 1), (0.5, 2)], "min") == (0.2, 3)
+    rows = [{"m": 2.0, "id": "a"}, {"m": 1.0, "id": "b"}]
+    assert best_of(rows, "min", key=lambda r: r["m"])["id"] == "b"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import mlflow
@@ -18,8 +19,13 @@ def test_a_pickled_model_is_refused_even_if_the_environment_allows_pickle(
     path = tmp_path / "pickled"
     mlflow.pytorch.save_model(torch.nn.Linear(2, 2), str(path), serialization_format="pickle", pip_requirements=[])
     monkeypatch.setenv("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "true")  # must not be honoured by lpcgma
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
     with pytest.raises(MlflowException, match="pickle"):
         load_segmenter(str(path), tracking_uri=file_store)
+    # the store given for this call is not left in the environment (MLflow's set_tracking_uri writes it
+    # there; later code and subprocesses would then use it)
+    assert "MLFLOW_TRACKING_URI" not in os.environ and "MLFLOW_REGISTRY_URI" not in os.environ
 
 
 class _Version:
