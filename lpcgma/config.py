@@ -247,6 +247,7 @@ class BiDAConfig(SelfTrainingConfig):
     bida_calibration: bool = True  # calibrate source prototypes by α_t·b_k (α_t: 0 → 1 over training)
     bida_hybrid_rule: Literal["agree", "confident"] = "agree"  # hybrid labels: both must agree, or the more confident
     bida_mask_absent_prototypes: bool = False  # drop absent (zero) prototypes from the contrast softmax
+    # (the released code instead sets their cosine to −1; its other differences: docs/METHODS.md, BiDA)
 
 
 METHOD_CONFIGS: dict[str, type[MethodConfig]] = {

@@ -130,9 +130,9 @@ def sdca_loss(
 def confident_pseudo_labels(logits: Tensor, threshold: float) -> tuple[Tensor, Tensor]:
     """Pseudo-labels argmax softmax over dim 1 of logits [N,C] or [B,C,h,w], 255 where q < threshold.
 
-    Returns (labels, q) with q = max softmax (detached). SDCA keeps target pixels with q ≥ 0.9.
-    (The released code compares the raw maximum logit with the threshold; we use the softmax
-    confidence, as the paper describes.)
+    Returns (labels, q) with q = max softmax (detached). SDCA keeps target pixels with q ≥ 0.9,
+    with the softmax confidence, as the paper and the current released code do (only the released
+    code's first commit compared the raw maximum logit with the threshold).
     """
     q, labels = logits.detach().float().softmax(dim=1).max(dim=1)
     return torch.where(q >= threshold, labels, IGNORE_INDEX), q
