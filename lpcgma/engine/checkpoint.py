@@ -120,18 +120,20 @@ def latest_checkpoint(root: str | Path) -> Path | None:
     return max(found)[1] if found else None
 
 
+def _step_folders(root: str | Path) -> list[Path]:
+    """The step folders under `root`, oldest first (``best`` is not one)."""
+    root = Path(root)
+    return sorted(p for p in root.iterdir() if _STEP_DIR.match(p.name)) if root.is_dir() else []
+
+
 def drop_step_checkpoints(root: str | Path) -> None:
     """Delete every step folder of a *finished* run (``best`` is kept): what a table or sweep keeps
     once its result is written (a resumable checkpoint of a ResNet-18 LPCGMA run is ≈ 180 MB)."""
-    root = Path(root)
-    for p in root.iterdir() if root.is_dir() else []:
-        if _STEP_DIR.match(p.name):
-            shutil.rmtree(p, ignore_errors=True)
+    for p in _step_folders(root):
+        shutil.rmtree(p, ignore_errors=True)
 
 
 def prune_checkpoints(root: str | Path, keep: int) -> None:
     """Delete all but the `keep` most recent step folders (``best`` is never touched)."""
-    root = Path(root)
-    steps = sorted(p for p in root.iterdir() if _STEP_DIR.match(p.name)) if root.is_dir() else []
-    for p in steps[:-keep] if keep > 0 else []:
+    for p in _step_folders(root)[:-keep] if keep > 0 else []:
         shutil.rmtree(p, ignore_errors=True)

@@ -12,10 +12,7 @@ expectation is a running average over the target batches (`em_prior_step`). Pure
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
-
-from lpcgma.losses.segmentation import IGNORE_INDEX
 
 _EPS = 1e-6
 
@@ -31,11 +28,3 @@ def em_prior_step(prior: Tensor, corrected_probs: Tensor, momentum: float) -> Te
     """One online EM step on the target prior: π ← m·π + (1 − m)·mean over pixels of p_t(·|x)."""
     return momentum * prior + (1 - momentum) * corrected_probs.mean(dim=(0, 2, 3)).to(prior.dtype)
 
-
-def label_frequencies(labels: Tensor, num_classes: int) -> Tensor:
-    """Class frequencies [C] of labels [B,H,W] (255 ignored; uniform when no pixel is labelled)."""
-    valid = labels[labels != IGNORE_INDEX]
-    if valid.numel() == 0:
-        return torch.full((num_classes,), 1.0 / num_classes, device=labels.device)
-    counts = torch.bincount(valid.flatten(), minlength=num_classes)[:num_classes].float()
-    return counts / counts.sum()

@@ -14,7 +14,8 @@ import torch
 from torch import Tensor
 
 from lpcgma.config import ExperimentConfig, SelfTrainingConfig
-from lpcgma.losses.label_shift import em_prior_step, label_frequencies, prior_corrected_probs
+from lpcgma.losses.contrast import update_class_freq
+from lpcgma.losses.label_shift import em_prior_step, prior_corrected_probs
 from lpcgma.losses.segmentation import cross_entropy, pseudo_label_weight
 from lpcgma.methods.base import Batch, Method, StepOutput
 from lpcgma.methods.mixing import classmix_masks, mix
@@ -73,12 +74,11 @@ class SelfTraining(Method):
         if self.mcfg.pseudo_prior != "em":
             return
         momentum = self.mcfg.prior_momentum
-        freq = label_frequencies(source_labels, self.num_classes).to(self.source_prior)
-        if int(self.prior_steps) == 0:
-            self.source_prior.copy_(freq)
-            self.target_prior.copy_(freq)
+        if int(self.prior_steps) == 0:  # both priors start from the first source batch's frequencies
+            self.source_prior.copy_(update_class_freq(self.source_prior, source_labels, 0.0))
+            self.target_prior.copy_(self.source_prior)
         else:
-            self.source_prior.mul_(momentum).add_((1 - momentum) * freq)
+            self.source_prior.copy_(update_class_freq(self.source_prior, source_labels, momentum))
         corrected = self.teacher_probs(target_logits)
         self.target_prior.copy_(em_prior_step(self.target_prior, corrected, momentum))
         self.prior_steps += 1

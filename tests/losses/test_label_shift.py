@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from lpcgma.losses.label_shift import em_prior_step, label_frequencies, prior_corrected_probs
+from lpcgma.losses.contrast import update_class_freq
+from lpcgma.losses.label_shift import em_prior_step, prior_corrected_probs
 
 
 def _as_map(rows: list[list[float]]) -> torch.Tensor:
@@ -53,11 +54,13 @@ def test_online_em_step_is_a_running_average() -> None:
     torch.testing.assert_close(em_prior_step(prior, corrected, momentum=0.9), torch.tensor([0.55, 0.45]))
 
 
-def test_label_frequencies_ignore_the_ignore_label() -> None:
+def test_the_source_prior_starts_from_label_frequencies_ignoring_the_ignore_label() -> None:
+    # SelfTraining's first prior step: update_class_freq with momentum 0 from the uniform start
+    uniform = torch.full((4,), 0.25)
     labels = torch.tensor([[0, 0, 1, 255], [2, 255, 255, 0]])
-    torch.testing.assert_close(label_frequencies(labels, 4), torch.tensor([0.6, 0.2, 0.2, 0.0]))
-    torch.testing.assert_close(label_frequencies(torch.full((2, 2), 255), 4), torch.full((4,), 0.25))
-    assert math.isclose(float(label_frequencies(labels, 4).sum()), 1.0, rel_tol=1e-6)
+    torch.testing.assert_close(update_class_freq(uniform, labels, 0.0), torch.tensor([0.6, 0.2, 0.2, 0.0]))
+    torch.testing.assert_close(update_class_freq(uniform, torch.full((2, 2), 255), 0.0), torch.full((4,), 0.25))
+    assert math.isclose(float(update_class_freq(uniform, labels, 0.0).sum()), 1.0, rel_tol=1e-6)
 
 
 @pytest.mark.parametrize("momentum", [0.0, 0.5])
