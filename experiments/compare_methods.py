@@ -44,6 +44,14 @@ METHODS: dict[str, list[str]] = {
     "self-training": ["method.name=self_training"],
     "SDCA": ["method.name=sdca"],
     "BiDA": ["method.name=bida"],
+    "BiDA (released code)": [  # the released code's choices where they differ from the paper (docs/METHODS.md)
+        "method.name=bida",
+        "method.bida_detach_prototypes=false",
+        "method.bida_absent_prototypes=negative",
+        "method.bida_hybrid_rule=static",
+        "method.bida_calibration=false",
+        "method.bida_entropy=released",
+    ],
     "LPCGMA": ["method.name=lpcgma"],
     "oracle (target labels)": ["method.name=oracle"],
 }

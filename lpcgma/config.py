@@ -236,18 +236,25 @@ class SDCAConfig(MethodConfig):
 
 
 @dataclass(frozen=True)
-class BiDAConfig(SelfTrainingConfig):
+class BiDAConfig(MethodConfig):
     name: str = "bida"
     lambda_st: float = 0.3  # CE on hybrid target labels (code default)
-    lambda_entropy: float = 0.4  # entropy term on target predictions
+    lambda_entropy: float = 0.4  # entropy term
     lambda_contrast: float = 0.2  # weight of FCL + BCL
     bida_scale: float = 10.0  # cosine-logit scale
     bida_dynamic_threshold: float = 0.8  # dynamic-label confidence threshold
     bida_bias_momentum: float = 0.99  # EMA momentum of the class-wise domain bias b_k
     bida_calibration: bool = True  # calibrate source prototypes by α_t·b_k (α_t: 0 → 1 over training)
-    bida_hybrid_rule: Literal["agree", "confident"] = "agree"  # hybrid labels: both must agree, or the more confident
-    bida_mask_absent_prototypes: bool = False  # drop absent (zero) prototypes from the contrast softmax
-    # (the released code instead sets their cosine to −1; its other differences: docs/METHODS.md, BiDA)
+    # Where this project follows the paper and the released code differs (docs/METHODS.md, BiDA); the
+    # released code's choices: detach false, absent negative, hybrid static, calibration false, entropy released
+    bida_hybrid_rule: Literal["agree", "confident", "static"] = "agree"  # target labels: classifier ∩ dynamic
+    # transfer, the more confident of the two, or the classifier's alone (static: the released code)
+    bida_detach_prototypes: bool = True  # prototypes as fixed per-step anchors; false: gradients flow
+    # through them into the features they average (FCL into source, BCL into target: the released code)
+    bida_absent_prototypes: Literal["zero", "drop", "negative"] = "zero"  # a class with no prototype in the
+    # pair: cosine 0, dropped from the softmax, or cosine −1 (the released code)
+    bida_entropy: Literal["target", "released"] = "target"  # normalised target entropy, or the released
+    # code's H_s + 0.3·H_t with log_softmax applied to the softmax
 
 
 METHOD_CONFIGS: dict[str, type[MethodConfig]] = {

@@ -23,7 +23,10 @@ from torch import Tensor
 from lpcgma.losses.precision import float32
 from lpcgma.losses.segmentation import IGNORE_INDEX, entropy_map
 
-HybridRule = Literal["agree", "confident"]
+HybridRule = Literal["agree", "confident", "static"]
+AbsentRule = Literal["drop", "negative"]
+# the released code's entropy term: H_s + this · H_t (docs/METHODS.md, BiDA, difference 4b)
+RELEASED_TARGET_ENTROPY_WEIGHT = 0.3
 
 
 def _pixels_last(feats: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
@@ -59,15 +62,23 @@ def class_prototypes(feats: Tensor, labels: Tensor, num_classes: int) -> tuple[T
     return protos.reshape(*batch_shape, num_classes, d), (counts > 0).reshape(*batch_shape, num_classes)
 
 
-def _cosine_logits(feats: Tensor, protos: Tensor, scale: float, present: Tensor | None) -> Tensor:
-    """scale·cos(f_i, c_k) [..., N, C]; classes with present False get the lowest finite logit."""
+def _cosine_logits(
+    feats: Tensor, protos: Tensor, scale: float, present: Tensor | None, absent: AbsentRule = "drop"
+) -> Tensor:
+    """scale·cos(f_i, c_k) [..., N, C]. Classes with present False: ``drop`` gives them the lowest
+    finite logit (out of the softmax), ``negative`` sets their cosine to −1 (logit −scale, the
+    released code's choice); with present None every class keeps its cosine (0 for a zero prototype)."""
     dtype = torch.promote_types(feats.dtype, torch.float32)
     f = F.normalize(feats.to(dtype), dim=-1)
     c = F.normalize(protos.to(dtype), dim=-1)
-    logits = scale * (f @ c.transpose(-1, -2))
-    if present is not None:
-        logits = logits.masked_fill(~present[..., None, :], torch.finfo(dtype).min)
-    return logits
+    cos = f @ c.transpose(-1, -2)
+    if present is None:
+        return scale * cos
+    if absent == "negative":
+        return scale * cos.masked_fill(~present[..., None, :], -1.0)
+    if absent == "drop":
+        return (scale * cos).masked_fill(~present[..., None, :], torch.finfo(dtype).min)
+    raise ValueError(f"absent-prototype rule {absent!r} is invalid: expected 'drop' or 'negative'")
 
 
 @float32
@@ -78,6 +89,7 @@ def prototype_contrast_loss(
     class_weight: Tensor,
     scale: float = 10.0,
     proto_present: Tensor | None = None,
+    absent: AbsentRule = "drop",
 ) -> Tensor:
     """Pixel-to-prototype contrast Σ_i w_{y_i}·ℓ_i / Σ_i w_{y_i}, ℓ_i = −log softmax_k(s·cos(f_i, c_k))_{y_i}.
 
@@ -87,13 +99,15 @@ def prototype_contrast_loss(
     Shapes: feats [N,D] (or [B,N,D]), labels [N] (or [B,N]; 255 ignored), protos [C,D] (or
     [B,C,D], pairing source and target image b), class_weight [C] (or [B,C]): 1 where class k is
     present in both images, 0 elsewhere; pixels of 0-weight classes are dropped. s = 10 (code).
-    ``proto_present`` [C] (or [B,C]), when given, removes absent (zero) prototypes from the softmax;
-    None keeps every class as a negative (a zero prototype then has logit 0). Prototypes are used as
-    given: detach them for fixed anchors.
+    ``proto_present`` [C] (or [B,C]), when given, marks which prototypes exist: ``absent="drop"``
+    removes the others from the softmax, ``absent="negative"`` keeps them at cosine −1 (the released
+    code); pixels whose own class has no prototype are dropped either way. None keeps every class as
+    it is (a zero prototype then has logit 0). Prototypes are used as given: detach them for fixed
+    anchors, or keep their graph for gradients into the features they were averaged from (released code).
     Returns 0 with a graph when no pixel has positive weight; never NaN.
     """
     f, y = _pixels_last(feats, labels)
-    logits = _cosine_logits(f, protos, scale, proto_present)
+    logits = _cosine_logits(f, protos, scale, proto_present, absent)
     valid = y != IGNORE_INDEX
     safe = torch.where(valid, y, 0)
     logp = logits.log_softmax(dim=-1).gather(-1, safe[..., None])[..., 0]
@@ -139,6 +153,8 @@ def hybrid_pseudo_labels(
 ) -> Tensor:
     """Combine static (classifier) and dynamic (prototype) pseudo-labels, same shape, 255 = none.
 
+    ``static``: the classifier's labels as they are (the released code trains on static labels
+    only; its dynamic label transfer is never used).
     ``agree`` (default): keep a label only where both are valid and equal, else 255. Chosen as the
     default because the two confidences come from different heads (classifier softmax vs cosine
     softmax at scale 10) and are not calibrated against each other, and because agreement is the
@@ -148,12 +164,14 @@ def hybrid_pseudo_labels(
     """
     s_valid = static != IGNORE_INDEX
     d_valid = dynamic != IGNORE_INDEX
+    if rule == "static":
+        return static
     if rule == "agree":
         return torch.where(s_valid & (static == dynamic), static, IGNORE_INDEX)
     if rule == "confident":
         take_dynamic = d_valid & (~s_valid | (dynamic_conf > static_conf))
         return torch.where(take_dynamic, dynamic, static)
-    raise ValueError(f"hybrid rule {rule!r} is invalid: expected 'agree' or 'confident'")
+    raise ValueError(f"hybrid rule {rule!r} is invalid: expected 'agree', 'confident' or 'static'")
 
 
 def ema_update(state: Tensor, new: Tensor, mask: Tensor, momentum: float) -> Tensor:
@@ -193,7 +211,21 @@ def entropy_loss(logits: Tensor) -> Tensor:
     return entropy_map(logits).mean()
 
 
+@float32
+def released_entropy_loss(logits: Tensor) -> Tensor:
+    """The released code's entropy term of one domain: mean over pixels of −Σ_k p_k·log q_k with
+    p = softmax(logits) and q = softmax(p) (log_softmax applied to probabilities), logits [B,C,h,w].
+
+    Not normalised; since p ∈ [0, 1], q is close to uniform and the value stays near log C with a
+    small gradient. BiDA's ``bida_entropy=released`` uses H_s + 0.3·H_t of this (docs/METHODS.md).
+    """
+    p = logits.softmax(dim=1)
+    return -(p * p.log_softmax(dim=1)).sum(dim=1).mean()
+
+
 __all__ = [
+    "RELEASED_TARGET_ENTROPY_WEIGHT",
+    "AbsentRule",
     "HybridRule",
     "calibration_alpha",
     "class_prototypes",
@@ -202,5 +234,6 @@ __all__ = [
     "entropy_loss",
     "hybrid_pseudo_labels",
     "prototype_contrast_loss",
+    "released_entropy_loss",
     "update_bias",
 ]

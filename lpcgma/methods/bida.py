@@ -5,7 +5,9 @@ prototypes from labels, target prototypes from hybrid pseudo-labels (teacher cla
 agree with the non-parametric label transfer to calibrated source prototypes). Forward contrast
 (target pixels vs source prototypes) and backward contrast (source pixels vs target prototypes),
 cosine logits ×10, classes present in both images only. Loss (code defaults):
-CE_s + 0.3·CE_t + 0.4·entropy + 0.2·(FCL + BCL).
+CE_s + 0.3·CE_t + 0.4·entropy + 0.2·(FCL + BCL). The released code's choices where they differ
+from the paper (undetached prototypes, absent classes at cosine −1, static labels, its entropy term)
+are options (`bida_*` keys; docs/METHODS.md lists each difference).
 """
 
 from __future__ import annotations
@@ -18,12 +20,15 @@ from torch import Tensor
 from lpcgma import comm
 from lpcgma.config import BiDAConfig, ExperimentConfig
 from lpcgma.losses.bidirectional import (
+    RELEASED_TARGET_ENTROPY_WEIGHT,
+    AbsentRule,
     calibration_alpha,
     class_prototypes,
     dynamic_pseudo_labels,
     entropy_loss,
     hybrid_pseudo_labels,
     prototype_contrast_loss,
+    released_entropy_loss,
     update_bias,
 )
 from lpcgma.losses.segmentation import cross_entropy, downsample_labels, pseudo_labels
@@ -72,12 +77,21 @@ class BiDA(Method):
         protos_t, present_t = class_prototypes(f_t, hybrid, self.num_classes)
         both = present_s & present_t
         weight = both.float()
-        mask_s, mask_t = (present_s, present_t) if m.bida_mask_absent_prototypes else (None, None)
-        fcl = prototype_contrast_loss(f_t, hybrid, protos_s.detach(), weight, m.bida_scale, mask_s)
-        bcl = prototype_contrast_loss(f_s, y_s, protos_t.detach(), weight, m.bida_scale, mask_t)
+        anchors_s, anchors_t = (protos_s, protos_t)  # undetached: the released code
+        if m.bida_detach_prototypes:
+            anchors_s, anchors_t = protos_s.detach(), protos_t.detach()
+        absent = m.bida_absent_prototypes
+        mask_s, mask_t = (None, None) if absent == "zero" else (present_s, present_t)
+        rule: AbsentRule = "negative" if absent == "negative" else "drop"
+        fcl = prototype_contrast_loss(f_t, hybrid, anchors_s, weight, m.bida_scale, mask_s, rule)
+        bcl = prototype_contrast_loss(f_s, y_s, anchors_t, weight, m.bida_scale, mask_t, rule)
         logits_t = tgt_out["logits"]
         ce_t = cross_entropy(logits_t, hybrid.view(-1, *size))
-        ent = entropy_loss(logits_t)
+        if m.bida_entropy == "released":
+            h_s, h_t = released_entropy_loss(src_out["logits"]), released_entropy_loss(logits_t)
+            ent = h_s + RELEASED_TARGET_ENTROPY_WEIGHT * h_t
+        else:
+            ent = entropy_loss(logits_t)
         with torch.no_grad():
             new_bias = update_bias(self.bias, protos_t, protos_s, both, m.bida_bias_momentum)
             self.bias.copy_(comm.all_reduce_mean_(new_bias))

@@ -17,6 +17,7 @@ from lpcgma.losses.bidirectional import (
     entropy_loss,
     hybrid_pseudo_labels,
     prototype_contrast_loss,
+    released_entropy_loss,
     update_bias,
 )
 
@@ -364,3 +365,77 @@ def test_pixels_of_a_class_without_prototype_are_dropped_when_masking():
     only_0 = prototype_contrast_loss(feats[:2], labels[:2], protos, torch.ones(2), 10.0, present)
     assert torch.isfinite(masked) and masked.item() == pytest.approx(only_0.item())
     assert only_0.item() == pytest.approx(0.0, abs=1e-6)  # a single competing class: softmax is 1
+
+
+# ------------------------------------------------- the released code's choices (issue 24), by hand
+@pytest.mark.parametrize(
+    ("present", "absent", "logits"),
+    [
+        (None, "drop", [10.0, 0.0, 0.0]),  # zero prototype kept: cosine 0
+        ([True, False, True], "drop", [10.0, None, 0.0]),  # dropped from the softmax
+        ([True, False, True], "negative", [10.0, -10.0, 0.0]),  # cosine −1 (released code)
+    ],
+)
+def test_absent_prototype_rules_by_hand(present, absent, logits):
+    """One pixel f = e1 of class 0; prototypes e1 (cos 1), absent (zero), e2 (cos 0); scale 10."""
+    feats = torch.tensor([[1.0, 0.0]], dtype=torch.float64)
+    protos = torch.tensor([[2.0, 0.0], [0.0, 0.0], [0.0, 3.0]], dtype=torch.float64)
+    weight = torch.tensor([1.0, 0.0, 1.0], dtype=torch.float64)
+    mask = None if present is None else torch.tensor(present)
+    got = prototype_contrast_loss(feats, torch.tensor([0]), protos, weight, 10.0, mask, absent)
+    want = -10.0 + math.log(sum(math.exp(v) for v in logits if v is not None))
+    assert got.item() == pytest.approx(want, rel=1e-12)
+
+
+def test_absent_prototype_rule_must_be_known():
+    with pytest.raises(ValueError, match="'drop' or 'negative'"):
+        prototype_contrast_loss(torch.ones(1, 2), torch.tensor([0]), torch.ones(2, 2), torch.ones(2), 10.0,
+                                torch.tensor([True, False]), "minus")  # type: ignore[arg-type]
+
+
+def test_undetached_prototypes_pass_the_gradient_to_the_features_they_average():
+    """FCL with a source prototype c_0 = mean of two source pixels (the released code): each of them
+    gets (1/2)·∂L/∂c_0, where for L = −log softmax_k(s·cos(f, c_k))_y
+    ∂L/∂c_k = s·(p_k − 1[k = y])·(f̂ − cos(f, c_k)·ĉ_k)/‖c_k‖."""
+    s = 10.0
+    f_t = torch.tensor([[0.6, 0.8]], dtype=torch.float64)  # one target pixel of class 0
+    f_s = torch.tensor([[1.0, 0.0], [1.0, 2.0], [0.0, 1.0]], dtype=torch.float64, requires_grad=True)
+    y_s = torch.tensor([0, 0, 1])
+    protos, _ = class_prototypes(f_s, y_s, 2)  # c_0 = (1, 1), c_1 = (0, 1), with their graph
+    loss = prototype_contrast_loss(f_t, torch.tensor([0]), protos, torch.ones(2, dtype=torch.float64), s)
+    loss.backward()
+    c = [torch.tensor([1.0, 1.0], dtype=torch.float64), torch.tensor([0.0, 1.0], dtype=torch.float64)]
+    f_hat = f_t[0] / f_t[0].norm()
+    cos = [float(f_hat @ (ck / ck.norm())) for ck in c]
+    p = torch.tensor([s * v for v in cos], dtype=torch.float64).softmax(0).tolist()
+    grad_c = [s * (p[k] - (k == 0)) * (f_hat - cos[k] * c[k] / c[k].norm()) / c[k].norm() for k in range(2)]
+    want = torch.stack([grad_c[0] / 2, grad_c[0] / 2, grad_c[1]])
+    assert f_s.grad is not None
+    torch.testing.assert_close(f_s.grad, want, rtol=1e-10, atol=1e-12)
+    # detached prototypes (this project's default): no gradient reaches the source features
+    f_s.grad = None
+    protos, _ = class_prototypes(f_s, y_s, 2)
+    prototype_contrast_loss(f_t, torch.tensor([0]), protos.detach(), torch.ones(2, dtype=torch.float64), s)
+    assert f_s.grad is None
+
+
+def test_released_entropy_is_log_softmax_of_the_softmax():
+    """Confident 2-class logits: p = (1, 0), q = softmax(p) = (e, 1)/(e + 1), H = log(1 + 1/e); at
+    uniform logits p = (½, ½), q = (½, ½), H = log 2: near log C either way (the flattening)."""
+    confident = torch.tensor([60.0, 0.0], dtype=torch.float64).view(1, 2, 1, 1)
+    assert released_entropy_loss(confident).item() == pytest.approx(math.log(1 + math.exp(-1)), rel=1e-12)
+    uniform = torch.zeros(2, 2, 3, 3, dtype=torch.float64)
+    assert released_entropy_loss(uniform).item() == pytest.approx(math.log(2), rel=1e-12)
+    gen = torch.Generator().manual_seed(5)
+    logits = torch.randn(2, 4, 3, 3, generator=gen, dtype=torch.float64)
+    p = logits.softmax(1)
+    q = p.exp() / p.exp().sum(1, keepdim=True)
+    want = -(p * q.log()).sum(1).mean()
+    assert released_entropy_loss(logits).item() == pytest.approx(want.item(), rel=1e-12)
+
+
+def test_static_hybrid_rule_keeps_the_classifier_labels():
+    static = torch.tensor([0, 1, 2, IGNORE])
+    dynamic = torch.tensor([1, 1, IGNORE, 0])
+    conf = torch.tensor([0.9, 0.5, 0.2, 0.1])
+    torch.testing.assert_close(hybrid_pseudo_labels(static, conf, dynamic, conf, "static"), static)

@@ -62,6 +62,27 @@ def test_method_trains_end_to_end(method: str, tmp_path: Path) -> None:
     assert result.best_checkpoint is not None and (result.best_checkpoint / "state.pt").is_file()
 
 
+BIDA_RELEASED = [  # the released code's choices (docs/METHODS.md, BiDA)
+    "method.bida_detach_prototypes=false",
+    "method.bida_absent_prototypes=negative",
+    "method.bida_hybrid_rule=static",
+    "method.bida_calibration=false",
+    "method.bida_entropy=released",
+]
+
+
+def test_bida_released_code_variant_trains(tmp_path: Path) -> None:
+    cfg = tiny_config(tmp_path, "method.name=bida", *BIDA_RELEASED)
+    assert Trainer(cfg).fit().step == 6
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    entropy = [r["loss/entropy"] for r in lines if "loss/entropy" in r]
+    c = len(build_datasets(cfg.data).classes.names)
+    # H_s + 0.3·H_t of log_softmax(softmax): each H lies in [log(1 + (C − 1)/e), log C]
+    low, high = 1.3 * math.log(1 + (c - 1) / math.e), 1.3 * math.log(c)
+    assert entropy and all(low - 1e-6 <= v <= high + 1e-6 for v in entropy)
+    assert all(r["pseudo/hybrid_frac"] == 1.0 for r in lines if "pseudo/hybrid_frac" in r)  # static: every pixel
+
+
 @pytest.mark.parametrize("method", ["self_training", "lpcgma", "sdca", "bida"])
 def test_uda_methods_report_pseudo_label_diagnostics(method: str, tmp_path: Path) -> None:
     cfg = tiny_config(tmp_path, f"method.name={method}", *METHOD_EXTRAS.get(method, []))
