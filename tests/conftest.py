@@ -12,6 +12,12 @@ from server_helpers import MotoServer
 
 REPO = Path(__file__).resolve().parents[1]
 
+# Ctrl-C must stop the suite at once, even inside an in-process Ray Tune search: Tune's own SIGINT
+# handler would turn the first Ctrl-C into a graceful stop of that search and let the suite go on.
+# Pytest then tears the fixtures down, which stops every Ray and MLflow process they started (by
+# PID). Tests of a user's Ctrl-C on `lpcgma tune` give their subprocess an environment without it.
+os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")
+
 
 def shared_dir() -> Path | None:
     """$LPCGMA_SHARED_DIR, else ``shared/`` inside the repo, else ``shared/`` beside the repo."""

@@ -80,6 +80,10 @@ def run_cli(args: list[str], env: dict[str, str], cwd: Path, timeout: float) -> 
         os.killpg(proc.pid, signal.SIGKILL)
         out, _ = proc.communicate()
         raise AssertionError(f"{args} timed out after {timeout} s:\n{out[-6000:]}") from None
+    except BaseException:  # Ctrl-C on the suite: its own session did not get the signal, stop it here
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        raise
     return subprocess.CompletedProcess(args, proc.returncode, out, "")
 
 

@@ -42,7 +42,7 @@ def test_interrupted_search_resumes_without_rerunning_finished_trials(ray_tmp: P
         "resumable",
         "tracking.enabled=false",
     ]
-    env = dict(os.environ)
+    env = {k: v for k, v in os.environ.items() if k != "TUNE_DISABLE_SIGINT_HANDLER"}  # a user's Tune
     log = open(ray_tmp / "first.log", "w")  # noqa: SIM115 - closed below
     proc = subprocess.Popen(cmd, env=env, cwd=ray_tmp, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:

@@ -1,0 +1,48 @@
+"""Ctrl-C on the test suite (slow): a suite interrupted while an in-process Ray Tune search runs stops
+at once (exit 2, "KeyboardInterrupt"), and every Ray process it started is gone afterwards."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+from raytest_helpers import REPO, pids_using, stop_pids
+
+pytestmark = pytest.mark.slow
+
+INNER = Path(__file__).with_name("interrupted_search.py")
+
+
+def test_ctrl_c_stops_the_suite_and_its_ray_processes() -> None:
+    marker = Path(tempfile.mkdtemp(prefix="lpint", dir="/tmp"))  # in every inner process's environment
+    started = marker / "started"
+    env = {**os.environ, "LPCGMA_STARTED_FILE": str(started), "LPCGMA_INTERRUPT_MARKER": str(marker)}
+    env.pop("TUNE_DISABLE_SIGINT_HANDLER", None)  # the inner suite's conftest sets it, as ours did
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(INNER)]
+    with open(marker / "inner.log", "w") as log:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while not started.exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.5)
+        assert started.exists(), (marker / "inner.log").read_text()[-3000:]
+        time.sleep(2.0)
+        os.killpg(proc.pid, signal.SIGINT)  # what a terminal sends to the foreground group on Ctrl-C
+        rc = proc.wait(timeout=60)
+        out = (marker / "inner.log").read_text()
+        assert rc == 2 and "KeyboardInterrupt" in out, out[-3000:]  # interrupted, not passed after a graceful stop
+        deadline = time.time() + 30
+        while pids_using(str(marker)) and time.time() < deadline:
+            time.sleep(0.5)
+        assert not pids_using(str(marker)), "processes of the interrupted suite are still running"
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        stop_pids(pids_using(str(marker)))
