@@ -95,7 +95,7 @@ def main() -> int:
     from server_helpers import MotoServer
 
     from lpcgma.config import load_config, replace, resolve_config_path
-    from lpcgma.data.shards import pack_dataset
+    from lpcgma.data.pack import pack_dataset
     from lpcgma.data.synthetic import write_synthetic_loveda
 
     with tempfile.TemporaryDirectory(prefix="lpcgma-bench-") as tmp_name:

@@ -118,7 +118,7 @@ def cmd_data_prepare_isprs(args: argparse.Namespace) -> int:
 
 def cmd_data_pack(args: argparse.Namespace) -> int:
     from lpcgma.config import parse_override
-    from lpcgma.data.shards import pack_dataset
+    from lpcgma.data.pack import pack_dataset
 
     values: dict[str, object] = {"data.dataset": args.dataset, "data.root": args.root or ""}
     for text in args.overrides:

@@ -9,14 +9,7 @@ from torch import Tensor
 from torch.utils.data import Dataset, Subset
 
 from lpcgma.config import ConfigError, DataConfig
-from lpcgma.data.classes import (
-    ISPRS_CLASSES,
-    ISPRS_CLASSES_NO_CLUTTER,
-    LOVEDA_CLASSES,
-    MEAN_STD,
-    SYNTHETIC_CLASSES,
-    ClassInfo,
-)
+from lpcgma.data.classes import MEAN_STD, ClassInfo, family_classes
 from lpcgma.data.errors import DataError
 from lpcgma.data.isprs import FOLDERS, ISPRSPatches
 from lpcgma.data.loveda import LoveDA
@@ -34,7 +27,6 @@ _DOMAINS = {
     "loveda": ("rural", "urban", "rural_irrg", "urban_irrg"),
     "isprs": tuple(FOLDERS),
 }
-_CLASSES = {"synthetic": SYNTHETIC_CLASSES, "loveda": LOVEDA_CLASSES, "isprs": ISPRS_CLASSES}
 
 
 @dataclass(frozen=True)
@@ -48,13 +40,6 @@ class DomainData:
     classes: ClassInfo
     mean: tuple[float, float, float]  # 0-255 pixel units
     std: tuple[float, float, float]
-
-
-def family_classes(family: str, ignore_clutter: bool = False) -> ClassInfo:
-    """The classes of a dataset family; ISPRS without clutter (5 classes) when `ignore_clutter`."""
-    if family == "isprs" and ignore_clutter:
-        return ISPRS_CLASSES_NO_CLUTTER
-    return _CLASSES[family]
 
 
 def build_datasets(data_cfg: DataConfig) -> DomainData:

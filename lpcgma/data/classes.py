@@ -75,3 +75,12 @@ MEAN_STD: dict[str, tuple[Stats, Stats]] = {
     "loveda": (IMAGENET_MEAN, IMAGENET_STD),
     "isprs": (IMAGENET_MEAN, IMAGENET_STD),
 }
+
+_FAMILY_CLASSES = {"synthetic": SYNTHETIC_CLASSES, "loveda": LOVEDA_CLASSES, "isprs": ISPRS_CLASSES}
+
+
+def family_classes(family: str, ignore_clutter: bool = False) -> ClassInfo:
+    """The classes of a dataset family; ISPRS without clutter (5 classes) when `ignore_clutter`."""
+    if family == "isprs" and ignore_clutter:
+        return ISPRS_CLASSES_NO_CLUTTER
+    return _FAMILY_CLASSES[family]

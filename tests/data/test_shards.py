@@ -22,13 +22,13 @@ from lpcgma.data.classes import ISPRS_CLASSES_NO_CLUTTER
 from lpcgma.data.errors import DataError, DatasetNotFoundError
 from lpcgma.data.isprs import prepare_isprs
 from lpcgma.data.loveda import LoveDA
+from lpcgma.data.pack import pack_dataset
 from lpcgma.data.sampling import class_histograms
 from lpcgma.data.shards import (
     INDEX_FILE,
     MANIFEST_FILE,
     Location,
     ShardDataset,
-    pack_dataset,
     read_manifest,
 )
 from lpcgma.data.stream import TrainStream
