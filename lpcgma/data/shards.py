@@ -28,7 +28,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 import numpy as np
@@ -38,6 +38,8 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import torch
 from PIL import Image
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic_core import ErrorDetails
 from torch.utils.data import Dataset
 
 from lpcgma.data.classes import IGNORE_INDEX, ClassInfo, family_classes
@@ -216,84 +218,131 @@ class Manifest:
     def from_json(cls, data: Any, location: Location) -> Manifest:
         """Validate a parsed manifest; a DataError names the manifest, the key and the value."""
         where = location.show(MANIFEST_FILE)
+        try:
+            m = _ManifestJSON.model_validate(data)
+        except ValidationError as e:
+            raise _structure_error(where, data, e.errors()[0]) from None
 
         def need(ok: bool, key: str, value: Any, expected: str) -> None:
             if not ok:
-                raise DataError(f"shards manifest '{where}': key '{key}' = {value!r} is invalid: expected {expected}")
+                raise _invalid(where, key, value, f"expected {expected}")
 
-        need(isinstance(data, dict), "<root>", type(data).__name__, "a JSON object")
-        for key in ("format", "format_version", "dataset", "classes", "mask_lut", "counts", "labelled", "shards"):
-            need(key in data, key, None, "present (is this a shards folder written by `lpcgma data pack`?)")
-        need(data["format"] == FORMAT, "format", data["format"], repr(FORMAT))
-        version = data["format_version"]
-        need(version == FORMAT_VERSION, "format_version", version, f"{FORMAT_VERSION} (repack with this lpcgma)")
-        family = data["dataset"]
-        need(family in FAMILIES, "dataset", family, f"one of {list(FAMILIES)}")
-        names = family_classes(family).names
-        need(data["classes"] == list(names), "classes", data["classes"], f"the {family} classes {list(names)}")
-
-        lut = data["mask_lut"]
-        valid_ids = f"raw values 0..255 → class ids 0..{len(names) - 1} or {IGNORE_INDEX}"
-        need(isinstance(lut, dict), "mask_lut", lut, valid_ids)
-        for raw, c in lut.items():
-            ok = raw.isdigit() and int(raw) < 256 and isinstance(c, int) and (0 <= c < len(names) or c == IGNORE_INDEX)
-            need(ok, f"mask_lut.{raw}", c, valid_ids)
+        names = family_classes(m.dataset).names
+        need(m.classes == list(names), "classes", m.classes, f"the {m.dataset} classes {list(names)}")
         table = [-1] * 256
-        for raw, c in lut.items():
+        for raw, c in m.mask_lut.items():
+            ok = int(raw) < 256 and (0 <= c < len(names) or c == IGNORE_INDEX)
+            need(ok, f"mask_lut.{raw}", c, f"raw values 0..255 → class ids 0..{len(names) - 1} or {IGNORE_INDEX}")
             table[int(raw)] = c
-
-        counts, labelled = data["counts"], data["labelled"]
-        need(isinstance(counts, dict) and bool(counts), "counts", counts, "domain → {split → tiles}")
-        for domain, splits in counts.items():
-            need(
-                isinstance(splits, dict) and bool(splits) and set(splits) <= set(SPLITS),
-                f"counts.{domain}",
-                splits,
-                f"split ({'|'.join(SPLITS)}) → tiles",
-            )
-            for split, n in splits.items():
-                need(isinstance(n, int) and n > 0, f"counts.{domain}.{split}", n, "a tile count > 0")
-                flag = labelled.get(domain, {}).get(split) if isinstance(labelled, dict) else None
-                need(isinstance(flag, bool), f"labelled.{domain}.{split}", flag, "true or false")
-
-        shards: list[ShardFile] = []
+        for domain, splits in m.counts.items():
+            for split in splits:
+                flag = m.labelled.get(domain, {}).get(split)
+                need(flag is not None, f"labelled.{domain}.{split}", flag, "true or false")
         totals: dict[tuple[str, str], int] = {}
-        need(isinstance(data["shards"], list) and bool(data["shards"]), "shards", data["shards"], "a list of shards")
-        for i, s in enumerate(data["shards"]):
-            form = "{file: shard-NNNNN.parquet, rows, bytes, parts: [{domain, split, rows}]}"
-            ok = isinstance(s, dict) and isinstance(s.get("file"), str) and bool(SHARD_NAME.fullmatch(s["file"]))
-            ok = ok and isinstance(s.get("rows"), int) and isinstance(s.get("bytes"), int)
-            need(ok and isinstance(s.get("parts"), list), f"shards[{i}]", s, form)
-            parts = []
-            for j, p in enumerate(s["parts"]):
-                ok = isinstance(p, dict) and isinstance(p.get("rows"), int) and p["rows"] > 0
-                ok = ok and p.get("split") in counts.get(p.get("domain"), {})
-                need(ok, f"shards[{i}].parts[{j}]", p, "{domain, split, rows > 0} of a domain and split in 'counts'")
-                parts.append((p["domain"], p["split"], p["rows"]))
-                totals[p["domain"], p["split"]] = totals.get((p["domain"], p["split"]), 0) + p["rows"]
-            need(sum(n for *_, n in parts) == s["rows"], f"shards[{i}].rows", s["rows"], "the sum of its parts' rows")
-            shards.append(ShardFile(s["file"], s["rows"], s["bytes"], tuple(parts)))
-        for domain, splits in counts.items():
+        for i, s in enumerate(m.shards):
+            for j, p in enumerate(s.parts):
+                ok = p.split in m.counts.get(p.domain, {})
+                need(ok, f"shards[{i}].parts[{j}]", p.model_dump(), f"{_PART_FORM} of a domain and split in 'counts'")
+                totals[p.domain, p.split] = totals.get((p.domain, p.split), 0) + p.rows
+            need(sum(p.rows for p in s.parts) == s.rows, f"shards[{i}].rows", s.rows, "the sum of its parts' rows")
+        for domain, splits in m.counts.items():
             for split, n in splits.items():
                 found = totals.get((domain, split), 0)
-                need(
-                    found == n, f"counts.{domain}.{split}", n, f"the {found} rows the shards list for {domain}/{split}"
-                )
-
-        meta = data.get("meta", {})
-        need(isinstance(meta, dict) and all(isinstance(v, dict) for v in meta.values()), "meta", meta, "domain → {...}")
+                expected = f"the {found} rows the shards list for {domain}/{split}"
+                need(found == n, f"counts.{domain}.{split}", n, expected)
         return cls(
             location=location,
-            dataset=family,
-            classes=tuple(names),
+            dataset=m.dataset,
+            classes=names,
             mask_lut=tuple(table),
-            counts=counts,
-            labelled={d: {sp: labelled[d][sp] for sp in splits} for d, splits in counts.items()},
-            shards=tuple(shards),
-            meta=meta,
-            source=str(data.get("source", "")),
-            created=str(data.get("created", "")),
+            counts=m.counts,
+            labelled={d: {sp: m.labelled[d][sp] for sp in splits} for d, splits in m.counts.items()},
+            shards=tuple(
+                ShardFile(s.file, s.rows, s.bytes, tuple((p.domain, p.split, p.rows) for p in s.parts))
+                for s in m.shards
+            ),
+            meta=m.meta,
+            source=str(m.source),
+            created=str(m.created),
         )
+
+
+# The structure of manifest.json (types, ranges, names), checked by pydantic; `Manifest.from_json`
+# then checks what relates keys to each other (classes and class ids of the family, row totals).
+_STRICT = ConfigDict(strict=True)  # no coercion: "3" is not a tile count
+_Count = Annotated[int, Field(gt=0)]
+_SplitKey = Annotated[str, Field(pattern=f"^({'|'.join(SPLITS)})$")]
+_PART_FORM = "{domain, split, rows > 0}"
+_SHARD_FORM = "{file: shard-NNNNN.parquet, rows, bytes, parts: [{domain, split, rows}]}"
+
+
+class _PartJSON(BaseModel):
+    model_config = _STRICT
+    domain: str
+    split: str
+    rows: _Count
+
+
+class _ShardJSON(BaseModel):
+    model_config = _STRICT
+    file: Annotated[str, Field(pattern=f"^{SHARD_NAME.pattern}$")]
+    rows: int
+    bytes: int
+    parts: list[_PartJSON]
+
+
+class _ManifestJSON(BaseModel):
+    model_config = _STRICT
+    format: Literal["lpcgma-shards"]  # FORMAT
+    format_version: Literal[1]  # FORMAT_VERSION (hand-written: a Literal takes no constant)
+    dataset: Family
+    classes: list[str]
+    mask_lut: dict[Annotated[str, Field(pattern=r"^[0-9]+$")], int]
+    counts: Annotated[dict[str, Annotated[dict[_SplitKey, _Count], Field(min_length=1)]], Field(min_length=1)]
+    labelled: dict[str, dict[str, bool]]
+    shards: Annotated[list[_ShardJSON], Field(min_length=1)]
+    meta: dict[str, dict[str, Any]] = {}
+    source: Any = ""
+    created: Any = ""
+
+
+# What a key should hold where pydantic's message would not say, by (top-level key, depth of the key).
+_EXPECTED: dict[tuple[str, int], str] = {
+    ("format_version", 1): f"{FORMAT_VERSION} (repack with this lpcgma)",
+    ("dataset", 1): f"one of {list(FAMILIES)}",
+    ("counts", 1): "domain → {split → tiles}",
+    ("counts", 2): f"split ({'|'.join(SPLITS)}) → tiles",
+    ("shards", 2): _SHARD_FORM,
+    ("shards", 4): _PART_FORM,
+}
+
+
+def _invalid(where: str, key: str, value: Any, reason: str) -> DataError:
+    return DataError(f"shards manifest '{where}': key '{key}' = {value!r} is invalid: {reason}")
+
+
+def _structure_error(where: str, data: Any, error: ErrorDetails) -> DataError:
+    """pydantic's error as a DataError: a bad dict key names its dict, an error inside a shard or a
+    part names the shard or part; the value shown is the manifest's (None: missing)."""
+    loc = list(error["loc"])
+    if "[key]" in loc:
+        loc = loc[: loc.index("[key]") - 1]
+    while any(isinstance(part, int) for part in loc) and not isinstance(loc[-1], int):
+        loc.pop()
+    if not loc:
+        return _invalid(where, "<root>", type(data).__name__, "expected a JSON object")
+    value = data
+    for part in loc:
+        try:
+            value = value[part]
+        except (KeyError, IndexError, TypeError):
+            value = None
+    key = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in loc).lstrip(".")
+    if error["type"] == "missing" and len(loc) == 1:
+        return _invalid(where, key, None, "expected present (is this a shards folder written by `lpcgma data pack`?)")
+    expected = _EXPECTED.get((str(loc[0]), len(loc)))
+    msg = error["msg"]  # "Input should be ..."
+    return _invalid(where, key, value, f"expected {expected}" if expected else msg[:1].lower() + msg[1:])
 
 
 def read_manifest(location: str | Path | Location) -> Manifest:

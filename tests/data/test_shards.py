@@ -186,6 +186,8 @@ def _edit(root: Path, edit: Any) -> None:
         (lambda m: m["mask_lut"].update({"9": 12}), r"'mask_lut.9' = 12"),
         (lambda m: m["shards"][0].update(file="../x.parquet"), r"'shards\[0\]' = .*shard-NNNNN"),
         (lambda m: m["labelled"]["rural"].pop("val"), r"'labelled.rural.val' = None"),
+        (lambda m: m["counts"]["rural"].update(train="3"), r"'counts.rural.train' = '3' .*valid integer"),  # strict
+        (lambda m: m["shards"][0]["parts"][0].update(rows=0), r"'shards\[0\].parts\[0\]' = \{.*rows > 0"),
     ],
 )
 def test_manifest_errors_name_the_key_and_value(synth_shards: Path, tmp_path: Path, edit: Any, match: str) -> None:
