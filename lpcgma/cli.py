@@ -116,6 +116,20 @@ def cmd_data_prepare_isprs(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data_import_isprs(args: argparse.Namespace) -> int:
+    from lpcgma.data.isprs_mmseg import import_mmseg_isprs
+
+    # validated here rather than by argparse `choices`: every bad input is one line (exit 2)
+    for flag, value, allowed in (("--from", args.source_format, ["mmseg"]),
+                                 ("--dataset", args.dataset, ["potsdam", "vaihingen"]),
+                                 ("--modality", args.modality, [None, "rgb", "irrg"])):  # fmt: skip
+        if value not in allowed:
+            raise ConfigError(f"{flag} {value!r} is invalid: expected one of {[a for a in allowed if a]}")
+    report = import_mmseg_isprs(Path(args.src), Path(args.out), args.dataset, args.modality)
+    print(report.summary())
+    return 0
+
+
 def cmd_data_pack(args: argparse.Namespace) -> int:
     from lpcgma.config import parse_override
     from lpcgma.data.pack import pack_dataset
@@ -279,6 +293,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stride", type=int, default=0, help="default: the patch size")
     p.add_argument("--ignore-clutter", action="store_true", help="clutter → ignore (5-class protocol)")
     p.set_defaults(func=cmd_data_prepare_isprs)
+    p = data.add_parser(
+        "import-isprs",
+        help="import ISPRS patches prepared by another tool (mmsegmentation)",
+        description="Import mmsegmentation's Potsdam/Vaihingen patches (SRC/img_dir, SRC/ann_dir; labels "
+        "0 = boundary, 1..6 = classes) as prepared patches: labels remapped, manifest written.",
+    )
+    p.add_argument("--from", dest="source_format", required=True, metavar="mmseg", help="the tool that prepared SRC")
+    p.add_argument("src", help="the converter's output folder (holds img_dir/ and ann_dir/)")
+    p.add_argument("--out", required=True, help="prepared root (data.root): patches go to OUT/Potsdam or OUT/Vaihingen")
+    p.add_argument("--dataset", required=True, metavar="potsdam|vaihingen")
+    p.add_argument("--modality", metavar="rgb|irrg", help="bands of the images (Vaihingen: irrg; Potsdam: required)")
+    p.set_defaults(func=cmd_data_import_isprs)
     p = data.add_parser("pack", help="pack a prepared dataset into Parquet shards (a folder or s3://) to train from")
     p.add_argument("--dataset", choices=["loveda", "isprs", "synthetic"], required=True)
     p.add_argument("--root", help="LoveDA: holds Train/ Val/ Test/; ISPRS: prepared patches; synthetic: unused")

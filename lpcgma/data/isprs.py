@@ -3,7 +3,9 @@
 `prepare_isprs` finds the official tile files anywhere under a source folder, maps the colour labels
 to the six classes (eroded boundaries and, optionally, clutter → 255) and writes
 ``out_dir/<Potsdam|Vaihingen>/<train|val>/{images,masks}/<tile>_<y>_<x>.png`` with the standard tile
-splits. `ISPRSPatches` reads one dataset and split of that layout.
+splits, and ``prepare.json`` (the manifest) beside them. `ISPRSPatches` reads one dataset and split of
+that layout and refuses a folder without a manifest. mmsegmentation-prepared patches are imported
+into this layout by `lpcgma.data.isprs_mmseg`.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ import json
 import re
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
 
@@ -43,7 +47,9 @@ TILES: dict[str, dict[str, tuple[str, ...]]] = {
     },
 }  # fmt: skip
 FOLDERS = {"potsdam": "Potsdam", "vaihingen": "Vaihingen"}
-META_FILE = "prepare.json"  # the prepare_isprs arguments, written beside the split folders
+META_FILE = "prepare.json"  # the manifest: the prepare_isprs arguments, written beside the split folders
+SPLITS: tuple[IsprsSplit, ...] = ("train", "val")
+STAGING_PREFIX = ".prepare-"
 
 # Label colours are binarised per channel (> 127) into a 3-bit code 4r + 2g + b; black (the eroded
 # boundary of the noBoundary labels) and magenta (unused) → ignore.
@@ -188,10 +194,7 @@ def prepare_isprs(
         )
     files = _find_tile_files(src_dir, dataset, modality, erode)
     counts: dict[str, int] = {}
-    created = not root.exists()
-    root.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".prepare-", dir=root))  # same filesystem: renames are atomic
-    try:
+    with staging_folder(root) as staging:
         for split, tiles in files.items():
             images_dir, masks_dir = staging / split / "images", staging / split / "masks"
             for d in (images_dir, masks_dir):
@@ -211,23 +214,91 @@ def prepare_isprs(
                 counts[split] += _write_patches(
                     image[..., :3], mask, tile, images_dir, masks_dir, patch_size, stride
                 )
-        # every tile was read: swap the new patch folders in (the old ones go to staging, deleted below)
-        (root / META_FILE).unlink(missing_ok=True)
-        for split in files:
-            for kind in ("images", "masks"):
-                target = root / split / kind
-                target.parent.mkdir(parents=True, exist_ok=True)
-                if target.exists():
-                    target.rename(staging / f"old-{split}-{kind}")
-                (staging / split / kind).rename(target)
         meta = {"dataset": dataset, "modality": modality, "patch_size": patch_size, "stride": stride,
                 "ignore_clutter": ignore_clutter, "erode": erode}  # fmt: skip
-        (root / META_FILE).write_text(json.dumps(meta, indent=2))
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-        if created and not any(root.iterdir()):
-            root.rmdir()  # a failed first preparation leaves no dataset folder behind
+        install_staged_splits(root, staging, meta)  # every tile was read
     return counts
+
+
+@contextmanager
+def staging_folder(root: Path) -> Iterator[Path]:
+    """A fresh staging folder inside `root` (created if missing), removed on exit however it exits.
+
+    Inside `root` so that `install_staged_splits`' renames stay on one filesystem (atomic); a `root`
+    this call created is removed again if nothing was installed into it.
+    """
+    created = not root.exists()
+    root.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=root))
+    try:
+        yield staging
+    finally:
+        remove_staging(root, staging, created)
+
+
+def remove_staging(root: Path, staging: Path, created: bool) -> None:
+    """Delete `staging`, and `root` too when this preparation `created` it and it is left empty."""
+    shutil.rmtree(staging, ignore_errors=True)
+    if created and root.is_dir() and not any(root.iterdir()):
+        root.rmdir()  # a failed first preparation leaves no dataset folder behind
+
+
+def install_staged_splits(root: Path, staging: Path, meta: dict[str, Any]) -> None:
+    """Swap ``staging/<split>/{images,masks}`` into `root`, then write the manifest `meta` last.
+
+    The manifest goes first, so a root caught half-way (a crash between renames) has none and is
+    refused by `ISPRSPatches`. A split that `staging` lacks is removed from `root`: the manifest
+    describes exactly the splits on disk. The old folders go into `staging` (deleted by the caller).
+    """
+    (root / META_FILE).unlink(missing_ok=True)
+    for split in SPLITS:
+        for kind in ("images", "masks"):
+            target, new = root / split / kind, staging / split / kind
+            if target.exists():
+                target.rename(staging / f"old-{split}-{kind}")
+            if new.is_dir():
+                target.parent.mkdir(parents=True, exist_ok=True)
+                new.rename(target)
+        if (root / split).is_dir() and not any((root / split).iterdir()):
+            (root / split).rmdir()
+    write_manifest(root, meta)
+
+
+def write_manifest(root: Path, meta: dict[str, Any]) -> None:
+    """Write ``root/prepare.json`` (through a temporary file: never a half-written manifest)."""
+    tmp = root / f".{META_FILE}.tmp"
+    tmp.write_text(json.dumps(meta, indent=2))
+    tmp.replace(root / META_FILE)
+
+
+def read_manifest(root: Path, dataset: IsprsDataset) -> dict[str, Any]:
+    """The manifest of the prepared `dataset` folder `root`; a DataError when it is missing or foreign.
+
+    Without it the folder was not written by `lpcgma data prepare-isprs` or `import-isprs` (or their
+    run was interrupted): patches copied in from elsewhere, e.g. mmsegmentation's converters whose
+    labels are 0 = boundary, 1..6 = classes, would be read as the wrong classes without a word.
+    """
+    meta_file = root / META_FILE
+    fix = (
+        f"prepare it from the official tiles (lpcgma data prepare-isprs --src DIR --out {root.parent} "
+        f"--dataset {dataset}) or, for mmsegmentation-prepared patches (img_dir/ ann_dir/), import them "
+        f"(lpcgma data import-isprs --from mmseg SRC --out {root.parent} --dataset {dataset})"
+    )
+    if not meta_file.is_file():
+        raise DataError(
+            f"ISPRS {FOLDERS[dataset]} folder '{root}' has no {META_FILE}: it was not written by lpcgma "
+            f"(or its preparation was interrupted), so its labels cannot be trusted; {fix}"
+        )
+    try:
+        meta = json.loads(meta_file.read_text())
+    except (OSError, ValueError) as e:
+        raise DataError(f"cannot read the manifest '{meta_file}' ({e}); {fix}") from e
+    if not isinstance(meta, dict) or meta.get("dataset") != dataset:
+        found = meta.get("dataset") if isinstance(meta, dict) else None
+        raise DataError(
+            f"ISPRS folder '{root}': its manifest '{meta_file}' names dataset {found!r}, not {dataset!r}; {fix}"
+        )
+    return meta
 
 
 def _write_patches(
@@ -253,8 +324,9 @@ class ISPRSPatches(PngPairs):
     """Prepared patches ``root/<Potsdam|Vaihingen>/<split>/{images,masks}/<name>.png`` as raw samples.
 
     Mask values are 0..5 (impervious surfaces, building, low vegetation, tree, car, clutter) and 255;
-    `ignore_clutter` maps clutter to 255 when reading (the 5-class protocol). `meta` holds the
-    `prepare_isprs` arguments (modality, patch size, ...) when the prepared folder records them.
+    `ignore_clutter` maps clutter to 255 when reading (the 5-class protocol). `meta` is the folder's
+    manifest (``prepare.json``: modality, patch size, ...); a folder without one, or whose manifest
+    names another dataset, is refused (`read_manifest`): its label encoding is unknown.
     With ``masks=False`` (an unlabelled target) the masks are never read, nor need to exist: all 255.
     """
 
@@ -275,18 +347,24 @@ class ISPRSPatches(PngPairs):
         masks_dir = folder / "masks" if masks else None
         for d in (folder / "images", masks_dir):
             if d is not None and not d.is_dir():
+                mmseg = any((self.root / name).is_dir() for name in ("img_dir", "ann_dir"))
                 raise DatasetNotFoundError(
                     f"ISPRS {FOLDERS[dataset]} {split} patches not found: expected the folder '{d}'. "
-                    f"Download the benchmark from {ISPRS_URL} and run lpcgma.data.isprs.prepare_isprs("
-                    f"src_dir, '{self.root}', dataset='{dataset}') (CLI: lpcgma data prepare-isprs) to "
-                    "create it."
+                    + (
+                        f"'{self.root}' holds mmsegmentation's layout (img_dir/, ann_dir/): import it with "
+                        f"lpcgma data import-isprs --from mmseg {self.root} --out DIR --dataset {dataset} "
+                        "and set data.root=DIR."
+                        if mmseg
+                        else f"Download the benchmark from {ISPRS_URL} and run lpcgma.data.isprs.prepare_isprs("
+                        f"src_dir, '{self.root}', dataset='{dataset}') (CLI: lpcgma data prepare-isprs) to "
+                        "create it."
+                    )
                 )
+        self.meta: dict[str, Any] = read_manifest(self.root / FOLDERS[dataset], dataset)
         lut = np.full(256, -1, dtype=np.int16)
         lut[: len(ISPRS_CLASSES.names)] = np.arange(len(ISPRS_CLASSES.names))
         lut[IGNORE_INDEX] = IGNORE_INDEX
         if ignore_clutter:
             lut[CLUTTER] = IGNORE_INDEX
         self.classes = ISPRS_CLASSES_NO_CLUTTER if ignore_clutter else ISPRS_CLASSES
-        meta_file = self.root / FOLDERS[dataset] / META_FILE
-        self.meta: dict[str, Any] = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
         super().__init__(folder / "images", masks_dir, lut, f"ISPRS {FOLDERS[dataset]} {split}")

@@ -108,3 +108,56 @@ def write_isprs_tiles(
                 Image.fromarray(arr).save(src / rel)
         out[tile] = tile_data
     return out
+
+
+# mmsegmentation's ISPRS converters turn a colour label into ids by exact colour: black (the eroded
+# boundary) 0, then white, blue, cyan, green, yellow, red 1..6 (their table lists these in OpenCV's BGR
+# order); a colour outside the table becomes 0 too. Written out here independently of lpcgma's palette.
+MMSEG_LABEL_COLOURS = ((0, 0, 0), (255, 255, 255), (0, 0, 255), (0, 255, 255), (0, 255, 0), (255, 255, 0), (255, 0, 0))
+
+
+def mmseg_label(colour: np.ndarray) -> np.ndarray:
+    """The label ids [h, w] uint8 that mmseg's Potsdam/Vaihingen converter writes for an RGB colour label."""
+    out = np.zeros(colour.shape[:2], dtype=np.uint8)
+    for value, rgb in enumerate(MMSEG_LABEL_COLOURS):
+        out[np.all(colour[..., :3] == np.asarray(rgb, dtype=np.uint8), axis=-1)] = value
+    return out
+
+
+def write_mmseg_isprs(
+    out: Path,
+    dataset: str,
+    tiles: dict[str, tuple[str, ...]] | None = None,
+    size: tuple[int, int] = (64, 64),
+    clip: int = 32,
+    stride: int = 16,
+    seed: int = 0,
+) -> dict[str, dict[str, tuple[np.ndarray, np.ndarray]]]:
+    """Write mmseg's converter output for `tiles` (split → tile ids; default 2 of each official split):
+    ``out/img_dir/<split>/<name>.png`` (RGB) and ``out/ann_dir/<split>/<name>.png`` (ids 0..6, mode L), cut
+    like the converter (`clip` patches every `stride`, the last flush with the edge) from eroded colour labels.
+
+    Returns split → mmseg patch name → (image [clip, clip, 3], expected lpcgma mask: class ids, 255 boundary).
+    """
+    rng = np.random.default_rng(seed)
+    tiles = tiles or {split: TILES[dataset][split][:2] for split in ("train", "val")}
+    h, w = size
+    written: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]] = {}
+    for split, ids in tiles.items():
+        (out / "img_dir" / split).mkdir(parents=True, exist_ok=True)
+        (out / "ann_dir" / split).mkdir(parents=True, exist_ok=True)
+        written[split] = {}
+        for tile in ids:
+            classes = blocky_labels(rng, h, w, 6)
+            boundary = eroded(classes)
+            image = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+            label = mmseg_label(colour_label(classes, boundary))
+            expected = np.where(boundary, 255, classes).astype(np.uint8)
+            prefix = tile if dataset == "potsdam" else f"area{tile}"
+            for y in sorted({min(v, h - clip) for v in range(0, h - clip + stride, stride)}):
+                for x in sorted({min(v, w - clip) for v in range(0, w - clip + stride, stride)}):
+                    name = f"{prefix}_{x}_{y}_{x + clip}_{y + clip}"
+                    Image.fromarray(image[y : y + clip, x : x + clip]).save(out / "img_dir" / split / f"{name}.png")
+                    Image.fromarray(label[y : y + clip, x : x + clip]).save(out / "ann_dir" / split / f"{name}.png")
+                    written[split][name] = (image[y : y + clip, x : x + clip], expected[y : y + clip, x : x + clip])
+    return written

@@ -187,3 +187,6 @@ def test_patches_dataset(potsdam, tmp_path):
     assert clutter.any() and bool((no_clutter[0]["mask"][clutter] == 255).all())
     with pytest.raises(DatasetNotFoundError, match="prepare_isprs"):
         ISPRSPatches(tmp_path, "vaihingen", "train")
+    (tmp_path / "Potsdam" / "prepare.json").unlink()  # as after a preparation interrupted mid-install
+    with pytest.raises(DataError, match=r"Potsdam' has no prepare\.json.*prepare-isprs.*import-isprs"):
+        ISPRSPatches(tmp_path, "potsdam", "val")
