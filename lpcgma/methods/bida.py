@@ -1,13 +1,15 @@
 """BiDA (Lee et al., 2022): bi-directional pixel-prototype contrast with dynamic pseudo-labels.
 
 Features are the ASPP branch outputs concatenated (as in the released code). Per image: source
-prototypes from labels, target prototypes from hybrid pseudo-labels (teacher classifier labels that
-agree with the non-parametric label transfer to calibrated source prototypes). Forward contrast
+prototypes from labels, target prototypes from the target pseudo-labels (the teacher classifier's,
+or with ``bida_hybrid_rule=agree`` the hybrid ones: those that agree with the non-parametric label
+transfer to calibrated source prototypes). Forward contrast
 (target pixels vs source prototypes) and backward contrast (source pixels vs target prototypes),
 cosine logits ×10, classes present in both images only. Loss (code defaults):
-CE_s + 0.3·CE_t + 0.4·entropy + 0.2·(FCL + BCL). The released code's choices where they differ
-from the paper (undetached prototypes, absent classes at cosine −1, static labels, its entropy term)
-are options (`bida_*` keys; docs/METHODS.md lists each difference).
+CE_s + 0.3·CE_t + 0.4·entropy + 0.2·(FCL + BCL). Where the paper's description and the released
+code differ, the defaults follow the released code (undetached prototypes, absent classes at cosine
+−1, the classifier's static labels, no calibration, its entropy term) and the paper's choices are
+options (`bida_*` keys; docs/METHODS.md lists each difference, RESULTS.md measures both).
 """
 
 from __future__ import annotations
