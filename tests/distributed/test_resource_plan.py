@@ -10,19 +10,16 @@ from pathlib import Path
 import pytest
 
 from lpcgma.config import ConfigError, load_config
-from lpcgma.distributed.search_space import SearchSpaceError
-from lpcgma.distributed.tune import (
+from lpcgma.distributed.resources import (
     NodeShape,
     ResourceError,
-    SearchOutcome,
-    SearchSettings,
-    TrialSummary,
     autoscaler_nodes,
-    evaluations_per_trial,
     local_storage_warning,
     plan_resources,
-    run_search,
 )
+from lpcgma.distributed.search import evaluations_per_trial, run_search
+from lpcgma.distributed.search_space import SearchSpaceError
+from lpcgma.distributed.search_types import SearchOutcome, SearchSettings, TrialSummary
 
 TWO_CPUS = [NodeShape(2, 0, 2, "local")]
 
@@ -215,10 +212,10 @@ class _Trial:
 def test_asha_never_stops_the_defaults_trial_early() -> None:
     from ray.tune.schedulers import TrialScheduler
 
-    import lpcgma.distributed.tune as tune_mod
+    from lpcgma.distributed.asha import DefaultsProtectedASHA
 
     defaults = {"optim.lr": 0.001}
-    asha = tune_mod.DefaultsProtectedASHA(
+    asha = DefaultsProtectedASHA(
         protected=defaults,
         time_attr="training_iteration",
         metric="m",
