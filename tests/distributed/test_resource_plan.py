@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from dataclasses import asdict, fields
 from pathlib import Path
 
 import pytest
@@ -161,6 +162,17 @@ def test_bad_override_and_resume_without_name_fail_before_ray(tmp_path: Path) ->
     with pytest.raises(ConfigError, match="no search 'nothing'"):
         run_search(settings(tmp_path, resume=True, name="nothing"))
     _ray_not_started()
+
+
+def test_resume_keeps_the_saved_search_and_takes_this_invocations_runtime_settings() -> None:
+    saved = asdict(SearchSettings(num_samples=12, seed=7, name="s", address="old:6379", top_k=9, verbose=3))
+    now = SearchSettings(num_samples=1, resume=True, name="s", address="auto", num_cpus=2, parent_run_id="p")
+    resumed = now.resumed({**saved, "a_setting_of_another_version": 1})
+    assert (resumed.num_samples, resumed.seed, resumed.name) == (12, 7, "s")  # the search's own
+    assert (resumed.resume, resumed.address, resumed.num_cpus, resumed.parent_run_id) == (True, "auto", 2, "p")
+    assert (resumed.top_k, resumed.verbose) == (3, 1)  # this invocation's (its defaults), not the saved ones
+    runtime = {f.name for f in fields(SearchSettings) if f.metadata.get("runtime")}
+    assert runtime == {"resume", "address", "num_cpus", "num_gpus", "ray_temp_dir", "verbose", "top_k", "parent_run_id"}
 
 
 def test_cli_reports_a_bad_search_space_with_exit_code_2(tmp_path: Path) -> None:
