@@ -68,8 +68,7 @@ def phases(run_dir: Path, t_start: float, t_end: float) -> Phases:
 
 
 def standalone(iters: int, out_dir: Path, extra: Sequence[str] = ()) -> tuple[float, Phases]:
-    from lpcgma.config import load_config
-    from lpcgma.distributed.tune import resolve_config_path
+    from lpcgma.config import load_config, resolve_config_path
     from lpcgma.engine.trainer import train
 
     cfg = load_config(resolve_config_path("synthetic"), trial_overrides(iters, out_dir, 4, extra))
@@ -87,8 +86,7 @@ def _rank_main(rank: int, world: int, port: int, iters: int, out_dir: str, extra
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        from lpcgma.config import load_config
-        from lpcgma.distributed.tune import resolve_config_path
+        from lpcgma.config import load_config, resolve_config_path
         from lpcgma.engine.trainer import train
 
         cfg = load_config(resolve_config_path("synthetic"), trial_overrides(iters, Path(out_dir), 4 // world, extra))
@@ -111,7 +109,8 @@ def standalone_two_ranks(iters: int, out_dir: Path, extra: Sequence[str] = ()) -
 
 def in_tune(iters: int, trials: int, workers: int, store: Path, name: str) -> tuple[float, Phases | None]:
     """Wall time of a search of `trials` trials, one at a time; the phases when it had one trial."""
-    from lpcgma.distributed.tune import SearchSettings, run_search
+    from lpcgma.distributed.search import run_search
+    from lpcgma.distributed.search_types import SearchSettings
 
     every = max(1, iters // 2)
     overrides = [

@@ -240,7 +240,9 @@ def write_study(experiment: str | Path, out: str | Path, step: int | None = None
 # ---------------------------------------------------------------------------------------- the search
 def run_synthetic_search(args: argparse.Namespace) -> Path:
     """The synthetic LPCGMA search of experiments/tune_synthetic.py, objective target_miou, no early stopping."""
-    from lpcgma.distributed.tune import SearchSettings, evaluations_per_trial, mlflow_hooks, resolve_base, run_search
+    from lpcgma.distributed.search import evaluations_per_trial, resolve_base, run_search
+    from lpcgma.distributed.search_mlflow import mlflow_hooks
+    from lpcgma.distributed.search_types import SearchSettings
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))  # the demo's trial sizes live beside this script
     from tune_synthetic import DEMO_OVERRIDES

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import sys
 
-from lpcgma.distributed.tune import experiment_main
+from lpcgma.distributed.search_cli import experiment_main
 
 if __name__ == "__main__":
     sys.exit(

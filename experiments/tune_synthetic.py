@@ -17,7 +17,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-from lpcgma.distributed.tune import experiment_main
+from lpcgma.distributed.search_cli import experiment_main
 
 # The demo, sized for a 2-core CPU: LPCGMA adapting the shared source model (trained once on the
 # first run, ~3 min, then read from runs/tune/source_models) on the calibrated task of the

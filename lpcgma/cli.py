@@ -234,8 +234,11 @@ def cmd_mlflow_sync(args: argparse.Namespace) -> int:
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
+    from lpcgma.distributed.resources import ResourceError
+    from lpcgma.distributed.search import run_search
+    from lpcgma.distributed.search_cli import settings_from_args
+    from lpcgma.distributed.search_mlflow import mlflow_hooks
     from lpcgma.distributed.search_space import SearchSpaceError
-    from lpcgma.distributed.tune import ResourceError, mlflow_hooks, run_search, settings_from_args
 
     try:
         outcome = run_search(settings_from_args(args), *mlflow_hooks())
@@ -268,7 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="hyperparameter search: Ray Tune + Optuna (TPE) + ASHA over trials of the trainer",
         description="Search a YAML search space around a base config; the literature defaults run first.",
     )
-    from lpcgma.distributed.tune import add_search_arguments
+    from lpcgma.distributed.search_cli import add_search_arguments
 
     add_search_arguments(p)
     p.add_argument("overrides", nargs="*", help="dotted base-config overrides, e.g. method.name=lpcgma")

@@ -156,7 +156,7 @@ def test_security_group_opens_only_ssh_from_the_configurable_cidr() -> None:
 
 def test_planning_against_the_aws_node_types(tmp_path: Path) -> None:
     """What `run_search` plans on the head of this cluster (the bootstrap config lists the node types)."""
-    from lpcgma.distributed.tune import NodeShape, ResourceError, autoscaler_nodes, plan_resources
+    from lpcgma.distributed.resources import NodeShape, ResourceError, autoscaler_nodes, plan_resources
 
     boot = tmp_path / "ray_bootstrap_config.yaml"
     boot.write_text((CLUSTERS / "aws.yaml").read_text())

@@ -74,14 +74,15 @@ def test_server_sh_exposed_only_with_basic_auth_and_never_prints_the_store_passw
 def test_local_ray_of_lpcgma_tune_keeps_the_dashboard_on_loopback_and_token_auth_on(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """`run_search` without --address starts Ray with `_init_ray`: no host or auth setting of ours
+    """`run_search` without --address starts Ray with `init_ray`: no host or auth setting of ours
     overrides Ray's defaults, which are a 127.0.0.1 dashboard and token authentication for a new
     local cluster (RAY_AUTH_MODE unset → token; Ray 2.60)."""
     import ray
     import ray._private.worker as ray_worker
     from ray._private.authentication import authentication_token_setup as auth
 
-    from lpcgma.distributed.tune import SearchSettings, _init_ray
+    from lpcgma.distributed.search import init_ray
+    from lpcgma.distributed.search_types import SearchSettings
 
     calls: list[dict[str, Any]] = []
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
@@ -89,7 +90,7 @@ def test_local_ray_of_lpcgma_tune_keeps_the_dashboard_on_loopback_and_token_auth
     monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
     monkeypatch.delenv("RAY_TMPDIR", raising=False)
     monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "0")
-    assert _init_ray(SearchSettings(num_cpus=1))
+    assert init_ray(SearchSettings(num_cpus=1))
     (kwargs,) = calls
     assert "address" not in kwargs  # a new local cluster
     dashboard_default = inspect.signature(ray_worker.init).parameters["dashboard_host"].default

@@ -360,6 +360,26 @@ def defaults_point(space: SearchSpace, cfg: ExperimentConfig) -> dict[str, Any]:
     return point
 
 
+def values_close(a: Any, b: Any) -> bool:
+    """Whether a sampled value equals a point's value: numbers up to float rounding, others by ``==``."""
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
+        return math.isclose(float(a), float(b), rel_tol=1e-9, abs_tol=1e-12)
+    return bool(a == b)
+
+
+def space_mapping(space: SearchSpace) -> dict[str, Any]:
+    """`space` as the mapping a search space file holds (what `parse_search_space` reads back)."""
+    out: dict[str, Any] = {}
+    for p in space.params:
+        entry: dict[str, Any] = {"type": p.type, "comment": p.comment}
+        if p.type == "choice":
+            entry["values"] = list(p.values)
+        else:
+            entry["low"], entry["high"] = p.low, p.high
+        out[p.key] = entry
+    return out
+
+
 __all__ = [
     "DIST_TYPES",
     "Param",
@@ -370,4 +390,6 @@ __all__ = [
     "packaged_search_spaces",
     "parse_search_space",
     "resolve_search_space",
+    "space_mapping",
+    "values_close",
 ]

@@ -337,7 +337,7 @@ def _take(it: Iterator[dict[str, torch.Tensor]], n: int) -> list[dict[str, torch
 
 def test_experiment_scripts_recognise_a_shards_root(tmp_path: Path) -> None:
     from lpcgma.data.shards import MANIFEST_FILE
-    from lpcgma.distributed.tune import is_shards_root
+    from lpcgma.distributed.search_cli import is_shards_root
 
     assert is_shards_root("s3://bucket/loveda-shards")
     assert not is_shards_root(str(tmp_path))  # a dataset folder: the folder loaders

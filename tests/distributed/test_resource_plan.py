@@ -5,24 +5,22 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from dataclasses import asdict, fields
 from pathlib import Path
 
 import pytest
 
 from lpcgma.config import ConfigError, load_config
-from lpcgma.distributed.search_space import SearchSpaceError
-from lpcgma.distributed.tune import (
+from lpcgma.distributed.resources import (
     NodeShape,
     ResourceError,
-    SearchOutcome,
-    SearchSettings,
-    TrialSummary,
     autoscaler_nodes,
-    evaluations_per_trial,
     local_storage_warning,
     plan_resources,
-    run_search,
 )
+from lpcgma.distributed.search import evaluations_per_trial, run_search
+from lpcgma.distributed.search_space import SearchSpaceError
+from lpcgma.distributed.search_types import SearchOutcome, SearchSettings, TrialSummary
 
 TWO_CPUS = [NodeShape(2, 0, 2, "local")]
 
@@ -166,6 +164,17 @@ def test_bad_override_and_resume_without_name_fail_before_ray(tmp_path: Path) ->
     _ray_not_started()
 
 
+def test_resume_keeps_the_saved_search_and_takes_this_invocations_runtime_settings() -> None:
+    saved = asdict(SearchSettings(num_samples=12, seed=7, name="s", address="old:6379", top_k=9, verbose=3))
+    now = SearchSettings(num_samples=1, resume=True, name="s", address="auto", num_cpus=2, parent_run_id="p")
+    resumed = now.resumed({**saved, "a_setting_of_another_version": 1})
+    assert (resumed.num_samples, resumed.seed, resumed.name) == (12, 7, "s")  # the search's own
+    assert (resumed.resume, resumed.address, resumed.num_cpus, resumed.parent_run_id) == (True, "auto", 2, "p")
+    assert (resumed.top_k, resumed.verbose) == (3, 1)  # this invocation's (its defaults), not the saved ones
+    runtime = {f.name for f in fields(SearchSettings) if f.metadata.get("runtime")}
+    assert runtime == {"resume", "address", "num_cpus", "num_gpus", "ray_temp_dir", "verbose", "top_k", "parent_run_id"}
+
+
 def test_cli_reports_a_bad_search_space_with_exit_code_2(tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text("method.gaussians_per_class: {type: int, low: 0, high: 4}\n")
@@ -215,10 +224,10 @@ class _Trial:
 def test_asha_never_stops_the_defaults_trial_early() -> None:
     from ray.tune.schedulers import TrialScheduler
 
-    import lpcgma.distributed.tune as tune_mod
+    from lpcgma.distributed.asha import DefaultsProtectedASHA
 
     defaults = {"optim.lr": 0.001}
-    asha = tune_mod.DefaultsProtectedASHA(
+    asha = DefaultsProtectedASHA(
         protected=defaults,
         time_attr="training_iteration",
         metric="m",

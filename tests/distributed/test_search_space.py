@@ -361,4 +361,4 @@ def test_a_built_wheel_ships_the_search_spaces(tmp_path: Path) -> None:
     names = set(zipfile.ZipFile(wheel).namelist())
     for name in ("smoke", "synthetic", "loveda", "isprs"):
         assert f"lpcgma/search_spaces/{name}.yaml" in names
-    assert "lpcgma/distributed/tune.py" in names
+    assert "lpcgma/distributed/search.py" in names and "lpcgma/distributed/asha.py" in names

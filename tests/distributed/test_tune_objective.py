@@ -8,14 +8,9 @@ import pytest
 
 from lpcgma.cli import build_parser
 from lpcgma.config import ConfigError
-from lpcgma.distributed.tune import (
-    SearchOutcome,
-    SearchSettings,
-    TrialSummary,
-    resolve_base,
-    run_search,
-    settings_from_args,
-)
+from lpcgma.distributed.search import resolve_base, run_search
+from lpcgma.distributed.search_cli import settings_from_args
+from lpcgma.distributed.search_types import SearchOutcome, SearchSettings, TrialSummary
 from lpcgma.engine.label_free import CRITERIA
 
 

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 from raytest_helpers import VENV_BIN, free_port, stop_pids
 
-from lpcgma.distributed.tune import SearchSettings, run_search
+from lpcgma.distributed.search import run_search
+from lpcgma.distributed.search_types import SearchSettings
 
 pytestmark = pytest.mark.slow
 PLANTED_SECRET = "planted-s3-secret-lpcgma-5c1e"

@@ -10,7 +10,9 @@ from pathlib import Path
 import pytest
 
 from lpcgma.data.synthetic import write_synthetic_loveda
-from lpcgma.distributed.tune import SearchSettings, mlflow_hooks, run_search
+from lpcgma.distributed.search import run_search
+from lpcgma.distributed.search_mlflow import mlflow_hooks
+from lpcgma.distributed.search_types import SearchSettings
 
 pytestmark = pytest.mark.slow
 
