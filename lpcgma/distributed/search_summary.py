@@ -16,7 +16,7 @@ def summarize(
 ) -> SearchOutcome:
     """One `TrialSummary` per trial of a ResultGrid: best objective, status, params, checkpoint."""
     trials: list[TrialSummary] = []
-    for result in results:
+    for result, failures in zip(results, _failure_counts(results), strict=True):
         config = dict(result.config or {})
         params = {k: config[k] for k in defaults if k in config}
         df = result.metrics_dataframe
@@ -59,10 +59,23 @@ def summarize(
             and all(values_close(params[k], defaults[k]) for k in defaults)
         )
         error = error_line(result.error) if result.error is not None else None
+        retries = max(0, failures - 1) if result.error is not None else failures  # the last failure ended it
         trials.append(
-            TrialSummary(trial_id, status, best, evaluations, params, checkpoint, out_dir, is_defaults, error)
+            TrialSummary(trial_id, status, best, evaluations, params, checkpoint, out_dir, is_defaults, error, retries)
         )
     return SearchOutcome(experiment_path, objective, mode, trials, results)
+
+
+def _failure_counts(results: Any) -> list[int]:
+    """How often each trial of a ResultGrid failed (Ray's `Trial.num_failures`, in the grid's order).
+
+    The grid exposes only each trial's last error, not the failures Ray retried, so this reads the
+    trials of its experiment analysis (Ray is pinned: 2.60); 0 for every trial where it cannot."""
+    trials = getattr(getattr(results, "_experiment_analysis", None), "trials", None)
+    n = len(list(results))
+    if trials is None or len(trials) != n:
+        return [0] * n
+    return [int(getattr(trial, "num_failures", 0) or 0) for trial in trials]
 
 
 def error_line(error: BaseException) -> str:

@@ -120,6 +120,12 @@ class TrialSummary:
     out_dir: str | None
     is_defaults: bool
     error: str | None = None  # why a failed trial failed (first line of its exception)
+    retries: int = 0  # failures Ray retried (from the last checkpoint) before the trial's final attempt
+
+    @property
+    def status_text(self) -> str:
+        """The status, and how often the trial was retried after a failure."""
+        return f"{self.status}, retried {self.retries}×" if self.retries else self.status
 
 
 @dataclass
@@ -168,10 +174,11 @@ class SearchOutcome:
     def format(self, top_k: int = 3) -> str:
         finished = sum(t.status == "finished" for t in self.trials)
         failed = sum(t.status == "error" for t in self.trials)
+        retried = sum(t.retries > 0 for t in self.trials)
         lines = [
             f"## Search summary: {self.experiment_path}",
             f"{len(self.trials)} trials: {finished} finished, {self.stopped_early} stopped early by ASHA, "
-            f"{failed} failed; "
+            f"{failed} failed" + (f", {retried} retried after a failure" if retried else "") + "; "
             f"objective {self.objective} ({self.mode})",
             "",
             f"| rank | trial | best {self.objective} | evals | status | params | checkpoint |",
@@ -181,7 +188,7 @@ class SearchOutcome:
             params = ", ".join(f"{k}={_short(v)}" for k, v in t.params.items())
             tag = " (defaults)" if t.is_defaults else ""
             lines.append(
-                f"| {i} | {t.trial_id}{tag} | {t.best:.4f} | {t.evaluations} | {t.status} | {params} | "
+                f"| {i} | {t.trial_id}{tag} | {t.best:.4f} | {t.evaluations} | {t.status_text} | {params} | "
                 f"{t.checkpoint or '-'} |"
             )
         best, dflt = self.best, self.defaults
@@ -192,7 +199,7 @@ class SearchOutcome:
             delta = float(best.best) - float(dflt.best)  # type: ignore[arg-type]
             lines.append(
                 f"best trial {best.trial_id}: {self.objective} = {best.best:.4f} vs literature defaults "
-                f"(trial {dflt.trial_id}, {dflt.status}): {dflt.best:.4f} ({delta:+.4f}"
+                f"(trial {dflt.trial_id}, {dflt.status_text}): {dflt.best:.4f} ({delta:+.4f}"
                 + ("; lower is better)" if self.mode == "min" else ")")
             )
         elif best is not None:
@@ -203,6 +210,11 @@ class SearchOutcome:
             if best.out_dir:
                 lines.append(f"best trial's run folder: {best.out_dir}")
         lines += [f"trial {t.trial_id} failed: {t.error}" for t in self.trials if t.status == "error"]
+        lines += [
+            f"trial {t.trial_id} was retried {t.retries}× after a failure (see {t.out_dir or 'its trial folder'})"
+            for t in self.trials
+            if t.retries and t.status != "error"
+        ]
         return "\n".join(lines)
 
 

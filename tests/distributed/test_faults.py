@@ -142,6 +142,8 @@ def test_killed_trial_process_restarts_from_its_checkpoint_with_each_step_logged
     assert metric_steps(db, run.info.run_id, "loss/total") == list(range(1, 25))
     assert metric_steps(db, run.info.run_id, "target_miou") == [4, 8, 12, 16, 20, 24]
     assert "1 trials" in text or "1 trial" in text
+    if workers == 1:  # Tune restarted the trial (a worker group restarts inside Train, unseen by Tune)
+        assert "1 retried after a failure" in text and "retried 1×" in text, text[-4000:]
 
 
 def test_trial_with_non_finite_loss_fails_with_its_reason_and_the_search_goes_on(ray_tmp: Path) -> None:

@@ -213,6 +213,50 @@ def test_summary_shows_best_vs_defaults_and_counts() -> None:
     assert "best checkpoint: /c/b" in text
     low = SearchOutcome("/store/x", "loss", "min", trials)
     assert low.best is trials[0]
+    assert "retried" not in text
+
+
+def test_summary_counts_and_names_retried_trials() -> None:
+    trials = [
+        TrialSummary("a", "finished", 0.30, 4, {"optim.lr": 0.001}, "/c/a", None, True),
+        TrialSummary("b", "finished", 0.45, 4, {"optim.lr": 0.002}, "/c/b", "/runs/b", False, None, 1),
+    ]
+    text = SearchOutcome("/store/x", "target_miou", "max", trials).format()
+    assert "2 trials: 2 finished, 0 stopped early by ASHA, 0 failed, 1 retried after a failure" in text
+    assert "| 1 | b | 0.4500 | 4 | finished, retried 1× |" in text
+    assert "trial b was retried 1× after a failure (see /runs/b)" in text
+
+
+class _FakeTrial:
+    def __init__(self, num_failures: int) -> None:
+        self.num_failures = num_failures
+
+
+class _FakeResult:
+    def __init__(self, error: BaseException | None) -> None:
+        self.config = {"optim.lr": 0.001}
+        self.metrics_dataframe = None
+        self.best_checkpoints: list = []
+        self.checkpoint = None
+        self.error = error
+        self.path = "/nowhere/trial"
+        self.metrics: dict = {}
+
+
+class _FakeGrid(list):
+    def __init__(self, results: list, failures: list[int]) -> None:
+        super().__init__(results)
+        self._experiment_analysis = type("EA", (), {"trials": [_FakeTrial(n) for n in failures]})()
+
+
+def test_summarize_reads_ray_s_failure_counts() -> None:
+    from lpcgma.distributed.search_summary import summarize
+
+    grid = _FakeGrid([_FakeResult(None), _FakeResult(RuntimeError("boom")), _FakeResult(None)], [1, 3, 0])
+    out = summarize(grid, "target_miou", "max", {"optim.lr": 0.001}, "/store/x", max_t=4)
+    # a trial that ended in an error: its last failure was not retried
+    assert [t.retries for t in out.trials] == [1, 2, 0]
+    assert [t.status for t in out.trials] == ["stopped early", "error", "stopped early"]
 
 
 # ------------------------------------------------------------------ the scheduler
