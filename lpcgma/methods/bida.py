@@ -68,11 +68,16 @@ class BiDA(Method):
         assert self.teacher is not None
         static, static_conf = pseudo_labels(self.teacher(target["image"])["logits"])
         protos_s, present_s = class_prototypes(f_s, y_s, self.num_classes)  # [B, C, D]
-        alpha = calibration_alpha(step, self.cfg.train.iters) if m.bida_calibration else 0.0
-        dynamic, dyn_conf = dynamic_pseudo_labels(
-            f_t.detach(), protos_s.detach(), present_s, m.bida_scale, m.bida_dynamic_threshold, self.bias, alpha
-        )
-        hybrid = hybrid_pseudo_labels(static.flatten(1), static_conf.flatten(1), dynamic, dyn_conf, m.bida_hybrid_rule)
+        if m.bida_hybrid_rule == "static":  # the classifier's labels alone: no label transfer to compute
+            hybrid = static.flatten(1)
+        else:
+            alpha = calibration_alpha(step, self.cfg.train.iters) if m.bida_calibration else 0.0
+            dynamic, dyn_conf = dynamic_pseudo_labels(
+                f_t.detach(), protos_s.detach(), present_s, m.bida_scale, m.bida_dynamic_threshold, self.bias, alpha
+            )
+            hybrid = hybrid_pseudo_labels(
+                static.flatten(1), static_conf.flatten(1), dynamic, dyn_conf, m.bida_hybrid_rule
+            )
         # diagnostics: the hybrid labels where kept ("confident"), the teacher's elsewhere
         kept = (hybrid != 255).view_as(static)
         self.record_pseudo_labels(torch.where(kept, hybrid.view_as(static), static), kept.float(), target, 0.5)
@@ -94,9 +99,10 @@ class BiDA(Method):
             ent = h_s + RELEASED_TARGET_ENTROPY_WEIGHT * h_t
         else:
             ent = entropy_loss(logits_t)
-        with torch.no_grad():
-            new_bias = update_bias(self.bias, protos_t, protos_s, both, m.bida_bias_momentum)
-            self.bias.copy_(comm.all_reduce_mean_(new_bias))
+        if m.bida_calibration:  # the bias only shifts the dynamic labels' prototypes (one all-reduce a step)
+            with torch.no_grad():
+                new_bias = update_bias(self.bias, protos_t, protos_s, both, m.bida_bias_momentum)
+                self.bias.copy_(comm.all_reduce_mean_(new_bias))
         loss = ce_s + m.lambda_st * ce_t + m.lambda_entropy * ent + m.lambda_contrast * (fcl + bcl)
         logs.update(
             {
