@@ -72,7 +72,7 @@ def _failure_counts(results: Any) -> list[int]:
     The grid exposes only each trial's last error, not the failures Ray retried, so this reads the
     trials of its experiment analysis (Ray is pinned: 2.60); 0 for every trial where it cannot."""
     trials = getattr(getattr(results, "_experiment_analysis", None), "trials", None)
-    n = len(list(results))
+    n = len(results)
     if trials is None or len(trials) != n:
         return [0] * n
     return [int(getattr(trial, "num_failures", 0) or 0) for trial in trials]
