@@ -24,10 +24,8 @@ def load_cli_config(config: str | None, overrides: Sequence[str]) -> ExperimentC
 def _tracking_callbacks(cfg: ExperimentConfig) -> list:  # type: ignore[type-arg]
     if not cfg.tracking.enabled:
         return []
-    try:
-        from lpcgma.tracking.runs import MLflowCallback
-    except ImportError:  # tracking not installed in this build
-        return []
+    from lpcgma.tracking.runs import MLflowCallback  # imports MLflow: only when tracking is on
+
     return [MLflowCallback(cfg)]
 
 
@@ -238,7 +236,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     from lpcgma.distributed.search import run_search
     from lpcgma.distributed.search_cli import settings_from_args
     from lpcgma.distributed.search_mlflow import mlflow_hooks
-    from lpcgma.distributed.search_space import SearchSpaceError
+    from lpcgma.search_space import SearchSpaceError
 
     try:
         outcome = run_search(settings_from_args(args), *mlflow_hooks())

@@ -115,6 +115,9 @@ class TrainConfig:
     # over this many fixed training-augmented batches of each domain the student trains on (0 = off:
     # the running averages of the last training batches; noisy with small batches)
     precise_bn_batches: int = 0
+    # weight averaging: evaluate, checkpoint as best and promote an exponential moving average of the
+    # student's weights with this momentum (0 = the student itself); steadier than the last step's weights
+    eval_ema: float = 0.0
 
     # the schedule: one place for when a run evaluates and checkpoints (the last step always does both)
     def is_eval_step(self, step: int) -> bool:
@@ -308,6 +311,7 @@ class ExperimentConfig:
         _check(self.train.checkpoint_every > 0, "train.checkpoint_every", self.train.checkpoint_every, "> 0")
         _check(self.train.eval_stride > 0, "train.eval_stride", self.train.eval_stride, "> 0")
         _check(self.train.label_free_tiles >= 0, "train.label_free_tiles", self.train.label_free_tiles, ">= 0")
+        _check(0 <= self.train.eval_ema < 1, "train.eval_ema", self.train.eval_ema, "in [0, 1)")
         _check(self.train.snd_pixels >= 2, "train.snd_pixels", self.train.snd_pixels, ">= 2")
         _check(self.train.source_eval_tiles >= 0, "train.source_eval_tiles", self.train.source_eval_tiles, ">= 0")
         ss = self.source_stage

@@ -12,7 +12,7 @@ from typing import Any
 
 from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 
-from lpcgma.distributed.search_space import values_close
+from lpcgma.search_space import values_close
 
 
 class DefaultsProtectedASHA(ASHAScheduler):  # type: ignore[misc]

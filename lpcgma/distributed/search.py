@@ -60,13 +60,6 @@ from lpcgma.distributed.resources import (
     plan_resources,
     planning_nodes,
 )
-from lpcgma.distributed.search_space import (
-    SearchSpace,
-    defaults_point,
-    load_search_space,
-    parse_search_space,
-    space_mapping,
-)
 from lpcgma.distributed.search_summary import summarize
 from lpcgma.distributed.search_types import (
     PARENT_RUN_ENV,
@@ -81,6 +74,13 @@ from lpcgma.distributed.source_model import obtain_source_model, with_search_sto
 from lpcgma.distributed.storage import join_uri, normalise_storage, read_text, write_text
 from lpcgma.distributed.trial import make_trainable
 from lpcgma.distributed.tuner import build_tuner, restore_tuner
+from lpcgma.search_space import (
+    SearchSpace,
+    defaults_point,
+    load_search_space,
+    parse_search_space,
+    space_mapping,
+)
 
 SEARCH_FILE = "lpcgma_search.json"
 SearchStart = Callable[[SearchInfo], str | None]

@@ -1,17 +1,20 @@
 """MLflow around a search: the `run_search` hooks that keep a parent run per search (with the trials'
 runs as its children), the closing lines that say where to look, and promotion of the best trial.
 
-The tracking package (``lpcgma.tracking``) is imported inside the hooks: without it they do nothing."""
+`lpcgma.tracking` sits below `lpcgma.distributed` (docs/ARCHITECTURE.md) and is imported plainly: an
+import error in it fails the search loudly instead of silently turning tracking off."""
 
 from __future__ import annotations
 
-import importlib
 import sys
 from collections.abc import Callable
 from typing import Any
 
-from lpcgma.distributed.search_space import space_mapping
 from lpcgma.distributed.search_types import SearchInfo, SearchOutcome
+from lpcgma.search_space import space_mapping
+from lpcgma.tracking import registry
+from lpcgma.tracking.search import on_search_end, on_search_start
+from lpcgma.tracking.store import resolve_tracking_uri, run_url, tracking_client, ui_command
 
 
 def mlflow_hooks() -> tuple[Callable[[SearchInfo], str | None], Callable[[SearchInfo, SearchOutcome], None]]:
@@ -19,14 +22,10 @@ def mlflow_hooks() -> tuple[Callable[[SearchInfo], str | None], Callable[[Search
 
     Start: the parent run (continued on --resume), the search space as params. End: ends the runs
     of trials ASHA stopped or that failed, logs the trials table and Optuna plots, ends the parent.
-    Both are no-ops when tracking is off or the tracking package is absent; they never raise.
+    Both are no-ops when tracking is off.
     """
 
     def start(info: SearchInfo) -> str | None:
-        try:
-            from lpcgma.tracking.search import on_search_start
-        except ImportError:
-            return None
         return on_search_start(
             info.base_config,
             info.name,
@@ -36,10 +35,6 @@ def mlflow_hooks() -> tuple[Callable[[SearchInfo], str | None], Callable[[Search
         )
 
     def end(info: SearchInfo, outcome: SearchOutcome) -> None:
-        try:
-            from lpcgma.tracking.search import on_search_end
-        except ImportError:
-            return
         succeeded = any(t.status != "error" and t.best is not None for t in outcome.trials)
         summary = on_search_end(
             info.base_config,
@@ -60,16 +55,12 @@ def mlflow_hooks() -> tuple[Callable[[SearchInfo], str | None], Callable[[Search
 
 def mlflow_closing_lines(info: SearchInfo, summary: Any) -> str:
     """Where to look at the search in MLflow: the UI command and the best trial's run."""
-    from lpcgma.tracking.store import resolve_tracking_uri, run_url, ui_command
-
     uri = resolve_tracking_uri(info.base_config.tracking)
     lines = [f"MLflow: {ui_command(uri)}"]
     if info.parent_run_id:
         lines.append(f"  search run:  {info.parent_run_id}")
     if summary is not None and summary.best_run_id:
-        import mlflow
-
-        exp_id = mlflow.MlflowClient(uri).get_run(summary.best_run_id).info.experiment_id
+        exp_id = tracking_client(uri).get_run(summary.best_run_id).info.experiment_id
         lines.append(
             f"  best run:    {summary.best_run_id} ({summary.metric} = {summary.best_value:.4f})  "
             f"{run_url(uri, exp_id, summary.best_run_id)}"
@@ -82,12 +73,7 @@ def mlflow_closing_lines(info: SearchInfo, summary: Any) -> str:
 def promote_best(
     search_name: str, metric: str = "target_miou", mode: str = "max", model_name: str | None = None
 ) -> bool:
-    """Register the best trial as the champion (``lpcgma.tracking.registry.promote``), if available."""
-    try:
-        registry = importlib.import_module("lpcgma.tracking.registry")
-    except ImportError as e:
-        print(f"promotion is unavailable: lpcgma.tracking.registry cannot be imported ({e})", file=sys.stderr)
-        return False
+    """Register the best trial as the champion (``lpcgma.tracking.registry.promote``); False when refused."""
     try:
         result = registry.promote(search_name, metric=metric, mode=mode, model_name=model_name)
     except (registry.PromotionRefused, registry.PromotionError, ValueError) as e:

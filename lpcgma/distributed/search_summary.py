@@ -7,8 +7,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from lpcgma.distributed.search_space import values_close
 from lpcgma.distributed.search_types import SearchOutcome, TrialSummary
+from lpcgma.search_space import values_close
 
 
 def summarize(

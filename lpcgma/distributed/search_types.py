@@ -9,7 +9,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from lpcgma.config import ExperimentConfig
-from lpcgma.distributed.search_space import SearchSpace
+from lpcgma.search_space import SearchSpace
 
 PARENT_RUN_ENV = "LPCGMA_PARENT_RUN_ID"
 # What --smoke-test changes (user overrides still win): a few tiny steps on a small model.

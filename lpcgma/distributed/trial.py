@@ -13,6 +13,7 @@ from lpcgma.config import ExperimentConfig, replace
 from lpcgma.distributed.resources import ResourcePlan
 from lpcgma.distributed.search_types import TrialSetup
 from lpcgma.distributed.storage import is_local, join_uri
+from lpcgma.tracking.search import trial_tags
 
 DIVERGED_FILE = "non_finite_loss.txt"  # in a trial's run folder: why it diverged (its retries fail at once)
 
@@ -48,7 +49,7 @@ def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
         {**sampled, "train.out_dir": str(out_dir), "train.resume": False, "train.progress": False},
     )
     parent = config.get("tracking_parent_run_id") or setup.parent_run_id  # a config entry wins
-    tags = _trial_tags(setup.name, trial_id)
+    tags = trial_tags(setup.name, trial_id)
     diverged = out_dir / DIVERGED_FILE
     if diverged.is_file():  # deterministic: a retry from the last checkpoint would diverge again
         raise NonFiniteLossError(f"{diverged.read_text().strip()} (an earlier attempt of this trial; not retried)")
@@ -95,14 +96,6 @@ def _train_trial(
         tracking_parent_run_id=parent,
         tracking_tags=tags,
     )
-
-
-def _trial_tags(search: str, trial_id: str) -> dict[str, str]:
-    try:
-        from lpcgma.tracking.search import trial_tags
-    except ImportError:
-        return {"search": search, "ray.trial_id": trial_id}
-    return trial_tags(search, trial_id)
 
 
 def make_trainable(setup: TrialSetup, plan: ResourcePlan) -> Any:

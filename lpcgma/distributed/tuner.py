@@ -9,8 +9,8 @@ from typing import Any
 
 from lpcgma.config import ConfigError
 from lpcgma.distributed.resources import ResourcePlan
-from lpcgma.distributed.search_space import SearchSpace
 from lpcgma.distributed.search_types import SearchSettings
+from lpcgma.search_space import SearchSpace
 
 
 def build_tuner(

@@ -92,6 +92,7 @@ _NOT_HASHED = (
     "train.label_free_tiles",
     "train.snd_pixels",
     "train.source_eval_tiles",
+    "train.eval_ema",  # the stage keeps no weight average (`stage_config`)
     "source_stage.",
     "tracking.",
 )
@@ -118,7 +119,8 @@ class SourceModel:
 def stage_config(cfg: ExperimentConfig) -> ExperimentConfig:
     """The source-only run of `cfg`'s source stage: same data and model; the stage's iterations,
     optimiser (``source_stage.optim``) and projection contrast; uniform tile sampling (rare-class
-    sampling belongs to adaptation, and searches vary it); from scratch (or ImageNet weights)."""
+    sampling belongs to adaptation, and searches vary it); no weight average; from scratch (or
+    ImageNet weights)."""
     ss = cfg.source_stage
     return replace(
         cfg,
@@ -130,6 +132,7 @@ def stage_config(cfg: ExperimentConfig) -> ExperimentConfig:
             "train.checkpoint_every": max(1, ss.iters // 4),
             "data.rcs_enabled": False,
             "model.init_checkpoint": "",
+            "train.eval_ema": 0.0,  # the source model is the stage's last student (its LR decays to 0)
             "source_stage.enabled": False,
         },
     )

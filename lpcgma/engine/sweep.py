@@ -54,7 +54,7 @@ class TrialOutcome:
 
 def sample_points(space: Any, base: ExperimentConfig, num: int, seed: int) -> list[dict[str, Any]]:
     """`num` points of `space` (a `SearchSpace`): the literature defaults first, then random draws."""
-    from lpcgma.distributed.search_space import defaults_point
+    from lpcgma.search_space import defaults_point
 
     if num < 1:
         raise ValueError(f"a sweep needs at least 1 trial, got num={num}")
@@ -139,7 +139,7 @@ def run_sweep(
     `budget_s` (optional) is a deadline from now: trials not started by then are skipped, running
     ones stop at their next log interval (keeping their rows). Returns every trial's outcome.
     """
-    from lpcgma.distributed.search_space import load_search_space
+    from lpcgma.search_space import load_search_space
 
     if jobs < 1:
         raise ValueError(f"jobs must be >= 1, got {jobs}")

@@ -371,12 +371,21 @@ class Trainer:
 
     # ------------------------------------------------------------------------------- evaluation
     def precise_bn(self) -> int:
-        """Recompute the student's BatchNorm statistics over `train.precise_bn_batches` fixed batches
-        of each domain it trains on (interleaved; uniform tiles, no rare-class sampling) and give them
-        to the EMA teacher; returns the number of batches (0: off). Collective: every rank calls it."""
+        """Recompute the BatchNorm statistics of the student (given to the EMA teacher) and of the
+        weight average, if any, each over the same `train.precise_bn_batches` fixed batches of every
+        domain the student trains on (interleaved; uniform tiles, no rare-class sampling); returns the
+        number of batches per network (0: off). Collective: every rank calls it."""
         n = self.cfg.train.precise_bn_batches
         if n == 0:
             return 0
+        average = self.method.average
+        for net in [self.method.student] + ([average.net] if average is not None else []):
+            count = self._recompute_bn(net, n)
+        if self.method.teacher is not None:
+            self.method.teacher.copy_buffers(self.method.student)
+        return count
+
+    def _recompute_bn(self, net: torch.nn.Module, n: int) -> int:
         iterators = [stream.batches(0) for stream in self._precise_bn_streams]
 
         def images() -> Iterator[Tensor]:
@@ -386,17 +395,14 @@ class Trainer:
 
         try:
             with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.use_amp):
-                count = recompute_bn_stats(self.method.student, images())
+                return recompute_bn_stats(net, images())
         finally:
             for it in iterators:
                 it.close()  # type: ignore[attr-defined]
-        if self.method.teacher is not None:
-            self.method.teacher.copy_buffers(self.method.student)
-        return count
 
     def predict(self, images: Tensor, net: torch.nn.Module | None = None) -> Tensor:
-        """Student (or `net`) logits at input size for normalised images [N,3,H,W]."""
-        net = self.method.student if net is None else net
+        """Logits of `net` (default: the evaluated `Method.eval_net`) at input size for images [N,3,H,W]."""
+        net = self.method.eval_net if net is None else net
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.use_amp):
             return upsample_logits(net(images)["logits"], (images.shape[-2], images.shape[-1]))
 
@@ -450,13 +456,13 @@ class Trainer:
 
         `train.label_free_tiles` target_train tiles (a fixed subsample: the same in every run on the
         same data) are resized to the test scale `data.eval_scale` and centre-cropped to
-        `train.eval_window`; the student predicts each crop and its horizontal flip, the EMA teacher (if
-        any) the crop: up to three forward passes per tile, at the network's output resolution. SND
-        uses `train.snd_pixels` of those pixels (fixed subsample).
+        `train.eval_window`; the evaluated network (`eval_net`) predicts each crop and its horizontal
+        flip, the EMA teacher (if any) the crop: up to three forward passes per tile, at the network's
+        output resolution. SND uses `train.snd_pixels` of those pixels (fixed subsample).
         """
         self.method.eval()
         t = self.cfg.train
-        teacher = self.method.teacher
+        teacher, model = self.method.teacher, self.method.eval_net
         tiles = subsample(len(self.data.target_train), t.label_free_tiles, EVAL_SUBSAMPLE_SEED)  # type: ignore[arg-type]
         probs: list[Tensor] = []
         embeds: list[Tensor] = []
@@ -466,8 +472,8 @@ class Trainer:
             image = rescale_image(self.eval_transform(self.data.target_train[i])["image"], self.cfg.data.eval_scale)
             x = _centre_crop(image, t.eval_window)[None].to(self.device)
             with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.use_amp):
-                out = self.method.student(x)
-                flip_logits = self.method.student(x.flip(-1))["logits"].flip(-1)
+                out = model(x)
+                flip_logits = model(x.flip(-1))["logits"].flip(-1)
                 teacher_logits = teacher(x)["logits"] if teacher is not None else None
             probs.append(pixel_rows(out["logits"].float().softmax(1)))
             embeds.append(pixel_rows(out["embed"].float()))
@@ -500,8 +506,11 @@ class Trainer:
             for i in self._train_streams[1].shard.tolist():
                 image = self.eval_transform(self.data.target_train[i])["image"].to(self.device)
                 scale = self.cfg.data.eval_scale
-                yield i, sliding_window_logits(
-                    lambda x: self.predict(x, net), image, c, t.eval_window, t.eval_stride, scale=scale
+                yield (
+                    i,
+                    sliding_window_logits(
+                        lambda x: self.predict(x, net), image, c, t.eval_window, t.eval_stride, scale=scale
+                    ),
                 )
 
         self._offline_masks.update(self.method.make_offline_labels(tiles()))

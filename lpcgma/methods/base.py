@@ -17,6 +17,16 @@ from lpcgma.models import EMATeacher, build_model, upsample_logits
 Batch = dict[str, Tensor]
 
 
+def model_weights(method_state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The model in a checkpoint's method state, as one network's state dict: the weight average's
+    (``average.net.*``, kept with ``train.eval_ema`` > 0) when present, else the student's."""
+    for prefix in ("average.net.", "student."):
+        weights = {k.removeprefix(prefix): v for k, v in method_state.items() if k.startswith(prefix)}
+        if weights:
+            return weights
+    return {}
+
+
 def pixel_rows(t: Tensor) -> Tensor:
     """Feature maps [B, D, h, w] → one row per pixel [B·h·w, D]."""
     return t.permute(0, 2, 3, 1).reshape(-1, t.shape[1])
@@ -34,6 +44,8 @@ class Method(nn.Module):
     """Base of every method: a student network, optionally an EMA teacher, and method state.
 
     Subclasses implement `train_step`; everything they must checkpoint is a submodule or buffer.
+    With ``train.eval_ema`` > 0 the method also keeps `average`, an exponential moving average of the
+    student's weights: the network that is evaluated, saved as the model and promoted (`eval_net`).
     The trainer may route the student's forward through a DDP wrapper (`set_student_forward`)
     without the wrapper entering `state_dict`.
     """
@@ -49,6 +61,7 @@ class Method(nn.Module):
         num_classes = self.num_classes = len(class_names)
         self.student = build_model(cfg.model, num_classes)
         self.teacher = EMATeacher(self.student, cfg.model.ema_momentum) if self.uses_teacher else None
+        self.average = EMATeacher(self.student, cfg.train.eval_ema) if cfg.train.eval_ema > 0 else None
         self._student_forward: list[nn.Module] = [self.student]  # a list keeps DDP out of state_dict
         counts = torch.zeros(2, num_classes, num_classes, dtype=torch.long)
         self.register_buffer("pseudo_counts", counts, persistent=False)
@@ -56,6 +69,11 @@ class Method(nn.Module):
     def set_student_forward(self, module: nn.Module) -> None:
         """Route student forward passes through `module` (e.g. DistributedDataParallel(student))."""
         self._student_forward = [module]
+
+    @property
+    def eval_net(self) -> nn.Module:
+        """The network evaluated and saved as the model: the weight average, else the student."""
+        return self.student if self.average is None else self.average.net
 
     def forward_student(self, images: Tensor, **kwargs: Any) -> dict[str, Tensor]:
         return self._student_forward[0](images, **kwargs)  # type: ignore[no-any-return]
@@ -68,17 +86,19 @@ class Method(nn.Module):
         initial statistics pass. `source_batches` yields batches already on the device."""
 
     def load_student(self, state: dict[str, Tensor]) -> None:
-        """Initialise the student (and the teacher) from a checkpoint's method state."""
-        student = {k.removeprefix("student."): v for k, v in state.items() if k.startswith("student.")}
-        self.student.load_state_dict(student)
-        if self.teacher is not None:
-            self.teacher.net.load_state_dict(student)
+        """Initialise every network (student, teacher, weight average) from the model of a
+        checkpoint's method state (`model_weights`)."""
+        weights = model_weights(state)
+        for copy in (self.student, self.teacher, self.average):
+            if copy is not None:
+                (copy.net if isinstance(copy, EMATeacher) else copy).load_state_dict(weights)
 
     @torch.no_grad()
     def after_step(self, step: int) -> None:
         """Called after each optimiser step (EMA teacher update and any state refinement)."""
-        if self.teacher is not None:
-            self.teacher.update(self.student, step)
+        for ema in (self.teacher, self.average):
+            if ema is not None:
+                ema.update(self.student, step)
 
     @torch.no_grad()
     def record_pseudo_labels(self, pseudo: Tensor, confidence: Tensor, target: Batch, threshold: float) -> None:

@@ -43,6 +43,7 @@ from torch import Tensor
 from lpcgma.config import ExperimentConfig, load_config
 from lpcgma.engine.checkpoint import CONFIG_FILE, STATE_FILE, read_checkpoint
 from lpcgma.engine.label_free import is_better
+from lpcgma.methods.base import model_weights
 from lpcgma.tracking.offline import retry
 from lpcgma.tracking.runs import CLASSES_FILE, EVAL_SPLIT_TAG, ROLE_TAG, SEARCH_TAG, TRIAL_TAG, eval_split_tag
 from lpcgma.tracking.store import all_runs, best_over_history, resolve_tracking_uri, tracking_client
@@ -191,16 +192,17 @@ def check_better(candidate_value: float, candidate_split: str, champion: Any, me
 
 # ----------------------------------------------------------------------------------- the model
 def build_predictor(cfg: ExperimentConfig, state: dict[str, Any], num_classes: int) -> torch.nn.Module:
-    """`SegmentationPredictor(DeepLabV2)` with the student weights of a checkpoint's method state."""
+    """`SegmentationPredictor(DeepLabV2)` with the model of a checkpoint's method state (`model_weights`:
+    the weight average when the run kept one, else the student)."""
     from lpcgma.models.deeplab import DeepLabV2, SegmentationPredictor
 
     m = cfg.model
     net = DeepLabV2(num_classes, m.backbone, False, m.proj_dim, m.aspp_dilations)
     method_state = state["method"]
-    student = {k.removeprefix("student."): v for k, v in method_state.items() if k.startswith("student.")}
-    if not student:
+    weights = model_weights(method_state)
+    if not weights:
         raise PromotionError("the checkpoint's method state has no student.* weights")
-    net.load_state_dict(student)
+    net.load_state_dict(weights)
     return SegmentationPredictor(net).eval()
 
 
@@ -391,6 +393,7 @@ def load_segmenter(model_uri: str, tracking_uri: str | None = None) -> Segmenter
     """Load ``models:/NAME@alias`` (or any MLflow model URI) without unpickling anything."""
     from mlflow.models import Model
     from mlflow.pytorch import load_model
+
     # isort may take the project's data folder ./mlflow/ for first-party code: keep this line put
     from mlflow.artifacts import download_artifacts  # isort: skip
 

@@ -39,6 +39,7 @@ from lpcgma.config import ExperimentConfig, dump_config, flatten
 from lpcgma.engine.checkpoint import CONFIG_FILE, STATE_FILE, read_checkpoint, write_checkpoint
 from lpcgma.engine.source_stage import source_key
 from lpcgma.engine.trainer import Callback, EvalReport, TrainResult
+from lpcgma.methods.base import model_weights
 from lpcgma.tracking import plots
 from lpcgma.tracking.offline import OFFLINE_PREFIX, RunLogger, pending_records, synced_run_ids
 from lpcgma.tracking.redaction import redact_mapping, redact_value, redact_yaml_text
@@ -340,7 +341,7 @@ class MLflowCallback(Callback):
                 lg.log_artifact(folder, f"overlays/{tag}")
 
     def _log_checkpoint(self, folder: Path, artifact_path: str) -> None:
-        """Log the model of checkpoint `folder` (the student's weights, step and classes: what
+        """Log the model of checkpoint `folder` (`model_weights` as the student's, step and classes: what
         promotion and prediction load, a quarter of a resumable checkpoint) and its config."""
         assert self.logger is not None and self.out_dir is not None
         if not (folder / STATE_FILE).is_file():
@@ -348,7 +349,7 @@ class MLflowCallback(Callback):
             return
         state = read_checkpoint(folder)
         slim = {k: v for k, v in state.items() if k in _MODEL_KEYS}
-        slim["method"] = {k: v for k, v in state["method"].items() if k.startswith("student.")}
+        slim["method"] = {f"student.{k}": v for k, v in model_weights(state["method"]).items()}
         # kept in the run folder: an offline record uploads the file later, from this path
         kept = write_checkpoint(self.out_dir / "mlflow_models" / artifact_path.replace("/", "_"), slim, "")
         self.logger.log_artifact(kept / STATE_FILE, artifact_path)

@@ -19,8 +19,8 @@ from lpcgma.distributed.resources import (
     plan_resources,
 )
 from lpcgma.distributed.search import evaluations_per_trial, run_search
-from lpcgma.distributed.search_space import SearchSpaceError
 from lpcgma.distributed.search_types import SearchOutcome, SearchSettings, TrialSummary
+from lpcgma.search_space import SearchSpaceError
 
 TWO_CPUS = [NodeShape(2, 0, 2, "local")]
 

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 
 from lpcgma.config import load_config
-from lpcgma.distributed.search_space import load_search_space
 from lpcgma.distributed.trial_results import read_trial_rows
 from lpcgma.engine.sweep import TrialSpec, run_sweep, run_trial, sample_points
+from lpcgma.search_space import load_search_space
 
 TINY = [
     "method.name=lpcgma",

@@ -78,8 +78,8 @@ def test_ray_results_give_trial_status_and_errors() -> None:
 
 def test_a_search_without_a_successful_trial_ends_its_parent_run_failed(tmp_path: Path, file_store: str) -> None:
     from lpcgma.distributed.search_mlflow import mlflow_hooks
-    from lpcgma.distributed.search_space import load_search_space
     from lpcgma.distributed.search_types import SearchInfo, SearchOutcome, SearchSettings, TrialSummary
+    from lpcgma.search_space import load_search_space
 
     base = synthetic_cfg(tmp_path / "base", file_store)
     space = load_search_space("smoke", base=base)

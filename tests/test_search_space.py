@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from lpcgma.config import flatten, load_config, valid_keys
-from lpcgma.distributed.search_space import (
+from lpcgma.search_space import (
     SearchSpaceError,
     defaults_point,
     load_search_space,
@@ -23,7 +23,7 @@ from lpcgma.distributed.search_space import (
     resolve_search_space,
 )
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 PACKAGED = REPO / "lpcgma" / "search_spaces"
 
 
