@@ -92,7 +92,7 @@ def cmd_data_synth(args: argparse.Namespace) -> int:
     if not 0 <= args.shift <= 1:
         raise ConfigError(f"--shift = {args.shift} is invalid: expected a strength in [0, 1]")
     write_synthetic_loveda(
-        Path(args.root), args.tiles, args.tile_size, args.seed, args.sensor, args.shift, args.palette
+        Path(args.root), args.tiles, args.tile_size, args.seed, args.sensor, args.shift, args.palette, args.layouts
     )
     print(f"wrote the synthetic benchmark in the LoveDA layout under {args.root}")
     return 0
@@ -284,6 +284,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sensor", choices=["rgb", "irrg"], default="irrg")
     p.add_argument("--shift", type=float, default=1.0, help="Urban's shift from Rural: 0 = Rural's look, 1 = full")
     p.add_argument("--palette", choices=["own", "source"], default="own", help="Urban's materials: its own or Rural's")
+    layouts_help = "Urban's layouts: shifted with --shift, or Rural's"
+    p.add_argument("--layouts", choices=["shifted", "source"], default="shifted", help=layouts_help)
     p.set_defaults(func=cmd_data_synth)
     p = data.add_parser("prepare-isprs", help="cut official ISPRS Potsdam/Vaihingen tiles into patches")
     p.add_argument("--src", required=True, help="folder holding the official archives' extracted tiles")

@@ -56,6 +56,9 @@ class DataConfig:
     # the target's materials: "own" (urban roofs, asphalt, …; some classes then look like other source
     # classes) or "source" (the source's; the shift is radiometry, textures, shadows and layouts)
     synthetic_target_palette: Literal["own", "source"] = "own"
+    # the target's layouts: "shifted" (a tile has the urban layout with probability synthetic_shift, else
+    # a rural one) or "source" (rural layouts at any strength: the shift is the look alone)
+    synthetic_target_layouts: Literal["shifted", "source"] = "shifted"
     # ISPRS only
     isprs_modality: Literal["rgb", "irrg"] = "irrg"  # Potsdam input bands
     isprs_ignore_clutter: bool = False  # True: clutter → ignore (5-class protocol)

@@ -173,7 +173,8 @@ def _open(
             return SyntheticAerial(domain, split, n, size, seed, "rgb")
         source: Any = c.source_domain  # validated by the caller
         sensor, strength, palette = c.synthetic_target_sensor, c.synthetic_shift, c.synthetic_target_palette
-        return SyntheticAerial(domain, split, n, size, seed, sensor, strength, source, palette)
+        layouts = c.synthetic_target_layouts
+        return SyntheticAerial(domain, split, n, size, seed, sensor, strength, source, palette, layouts)
     base, _, shift = str(domain).partition("_")  # LoveDA's *_irrg domains (validated by the caller)
     tiles: RawDataset
     meta: dict[str, Any] = {}  # ISPRS: the prepare_isprs arguments

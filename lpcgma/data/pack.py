@@ -63,6 +63,7 @@ def _source_parts(data: DataConfig) -> list[_Part]:
             sensor = data.synthetic_target_sensor if domain == "urban" else "rgb"
             shift = data.synthetic_shift if domain == "urban" else 1.0
             palette = data.synthetic_target_palette if domain == "urban" else "own"
+            layouts = data.synthetic_target_layouts if domain == "urban" else "shifted"
             meta = {
                 "tiles": data.synthetic_tiles,
                 "tile_size": data.synthetic_tile_size,
@@ -70,10 +71,11 @@ def _source_parts(data: DataConfig) -> list[_Part]:
                 "sensor": sensor,
                 "shift": shift,
                 "palette": palette,
+                "layouts": layouts,
             }
             for split in SPLITS:
                 n, size, seed = data.synthetic_tiles, data.synthetic_tile_size, data.synthetic_seed
-                ds = SyntheticAerial(domain, split, n, size, seed, sensor, shift, "rural", palette)
+                ds = SyntheticAerial(domain, split, n, size, seed, sensor, shift, "rural", palette, layouts)
                 out.append(_Part(domain, split, ds, meta))
         return out
     if not data.root:

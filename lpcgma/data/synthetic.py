@@ -24,6 +24,11 @@ background, …): a class painted in another class's colours, which no label-fre
 With ``palette="source"`` the domain keeps `shift_from`'s class reflectances and material variants,
 so the shift is radiometry, textures, shadows and layouts only and each class stays nearest its own
 source class (RESULTS.md, issue 20).
+
+So are the layouts. With ``layouts="shifted"`` (the default) each tile takes its own domain's layout
+with probability s, as above. With ``layouts="source"`` every tile takes `shift_from`'s layout at any
+s: the shift is the look alone (the appearance shift of synthetic-to-real and cross-city benchmarks,
+where the scene grammar stays and the radiometry, textures and shadows change).
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ Domain = Literal["rural", "urban"]
 Split = Literal["train", "val", "test"]
 Sensor = Literal["rgb", "irrg"]
 Palette = Literal["own", "source"]
+Layouts = Literal["shifted", "source"]
 Sample = dict[str, torch.Tensor | str]
 
 BACKGROUND, BUILDING, ROAD, WATER, BARREN, FOREST, AGRICULTURE = range(7)
@@ -213,6 +219,7 @@ class SyntheticAerial(Dataset[Sample]):
         shift: float = 1.0,
         shift_from: Domain | None = None,
         palette: Palette = "own",
+        layouts: Layouts = "shifted",
     ) -> None:
         for key, value, choices in (
             ("domain", domain, _DOMAIN_IDS),
@@ -220,6 +227,7 @@ class SyntheticAerial(Dataset[Sample]):
             ("split", split, _SPLIT_IDS),
             ("sensor", sensor, _SENSOR_BANDS),
             ("palette", palette, {"own": 0, "source": 1}),
+            ("layouts", layouts, {"shifted": 0, "source": 1}),
         ):
             if value not in choices:
                 raise ValueError(f"SyntheticAerial {key}={value!r}: expected one of {sorted(choices)}")
@@ -231,9 +239,10 @@ class SyntheticAerial(Dataset[Sample]):
             raise ValueError(f"SyntheticAerial shift={shift!r}: expected a strength in [0, 1]")
         self.domain, self.split, self.sensor = domain, split, sensor
         self.num_tiles, self.tile_size, self.seed = num_tiles, tile_size, seed
-        if palette == "source" and shift_from is None:
-            raise ValueError("SyntheticAerial palette='source' needs shift_from: whose palette to take")
-        self.shift, self.shift_from, self.palette = shift, shift_from, palette
+        for key, value in (("palette", palette), ("layouts", layouts)):
+            if value == "source" and shift_from is None:
+                raise ValueError(f"SyntheticAerial {key}='source' needs shift_from: whose {key} to take")
+        self.shift, self.shift_from, self.palette, self.layouts = shift, shift_from, palette, layouts
         self._cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
     def __len__(self) -> int:
@@ -246,10 +255,12 @@ class SyntheticAerial(Dataset[Sample]):
         if self.palette == "source":
             assert self.shift_from is not None
             own_style = with_palette(own_style, _STYLES[self.shift_from])
-        if self.shift_from is None or self.shift_from == self.domain or self.shift == 1:
+        unshifted = self.shift_from is None or self.shift_from == self.domain
+        if unshifted or (self.shift == 1 and self.layouts == "shifted"):
             return generate_tile(np.random.default_rng(key), self.domain, self.tile_size, self.sensor, own_style)
         # the layout's coin has a stream of its own: the tile's stream is the unshifted tile's
-        own_layout = np.random.default_rng([*key, 1]).random() < self.shift
+        coin = np.random.default_rng([*key, 1]).random()
+        own_layout = self.layouts == "shifted" and coin < self.shift
         style = blend_styles(_STYLES[self.shift_from], own_style, self.shift)
         layout = self.domain if own_layout else self.shift_from
         return generate_tile(np.random.default_rng(key), layout, self.tile_size, self.sensor, style)
@@ -285,20 +296,21 @@ def write_synthetic_loveda(
     sensor: Sensor = "irrg",
     shift: float = 1.0,
     palette: Palette = "own",
+    layouts: Layouts = "shifted",
 ) -> Path:
     """Write the synthetic benchmark in the official LoveDA layout under `root`; return `root`.
 
     ``{Train,Val,Test}/{Rural,Urban}/images_png/<id>.png`` with raw masks in ``masks_png`` (class + 1,
     0 = no-data; none for Test, as in LoveDA). Ids count up across splits and domains. `sensor` is
-    the Urban (target) domain's sensor, `shift` its shift strength from Rural and `palette` whose
-    materials it has (module doc); Rural tiles are RGB.
+    the Urban (target) domain's sensor, `shift` its shift strength from Rural, `palette` whose
+    materials and `layouts` whose layouts it has (module doc); Rural tiles are RGB.
     """
     root = Path(root)
     next_id = 0
     for split in ("train", "val", "test"):
         for domain in ("rural", "urban"):
             ds = (
-                SyntheticAerial(domain, split, num_tiles, tile_size, seed, sensor, shift, "rural", palette)
+                SyntheticAerial(domain, split, num_tiles, tile_size, seed, sensor, shift, "rural", palette, layouts)
                 if domain == "urban"
                 else SyntheticAerial(domain, split, num_tiles, tile_size, seed, "rgb")
             )

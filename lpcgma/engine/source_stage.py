@@ -75,6 +75,7 @@ _NOT_HASHED = (
     "data.synthetic_target_sensor",
     "data.synthetic_shift",
     "data.synthetic_target_palette",
+    "data.synthetic_target_layouts",
     "model.ema_momentum",
     "model.init_checkpoint",
     "train.eval_every",

@@ -99,6 +99,8 @@ def eval_split_tag(cfg: ExperimentConfig) -> str:
             parts.append(f"shift={d.synthetic_shift}")
         if d.synthetic_target_palette != "own":
             parts.append(f"palette={d.synthetic_target_palette}")
+        if d.synthetic_target_layouts != "shifted":
+            parts.append(f"layouts={d.synthetic_target_layouts}")
     elif d.dataset == "isprs":
         parts += [f"modality={d.isprs_modality}", f"ignore_clutter={d.isprs_ignore_clutter}"]
     return ":".join(str(p) for p in parts)

@@ -252,3 +252,31 @@ def test_palette_arguments_are_checked() -> None:
         SyntheticAerial("urban", "train", palette="mars")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="needs shift_from"):
         SyntheticAerial("urban", "train", palette="source")
+
+
+@pytest.mark.parametrize("shift", [0.5, 1.0])
+def test_source_layouts_keep_every_tile_in_the_source_layout_and_shift_the_look_alone(shift: float) -> None:
+    n, size = 24, 64
+    shifted = SyntheticAerial("urban", "val", n, size, seed=0, shift=shift, shift_from="rural")
+    looks = SyntheticAerial("urban", "val", n, size, seed=0, shift=shift, shift_from="rural", layouts="source")
+    zero = SyntheticAerial("urban", "val", n, size, seed=0, shift=0.0, shift_from="rural")
+    for i in range(n):  # the masks (layouts) of strength 0, whatever the strength
+        assert torch.equal(looks[i]["mask"], zero[i]["mask"])
+    assert any(not torch.equal(looks[i]["mask"], shifted[i]["mask"]) for i in range(n))  # shifted: urban layouts
+    assert not any((looks[i]["mask"] == BUILDING).float().mean() > 0.12 for i in range(n))  # no road grid
+    rural = _class_colours(SyntheticAerial("rural", "val", n, size, seed=0))
+    # the look moves as far from the source as with shifted layouts
+    moved, moved_shifted = (np.abs(_class_colours(d) - rural).mean() for d in (looks, shifted))
+    assert moved > 0.5 * moved_shifted > 0
+
+
+def test_layouts_arguments_are_checked_and_written(tmp_path) -> None:
+    with pytest.raises(ValueError, match="layouts"):
+        SyntheticAerial("urban", "train", layouts="city")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="needs shift_from"):
+        SyntheticAerial("urban", "train", layouts="source")
+    write_synthetic_loveda(tmp_path, num_tiles=2, tile_size=32, seed=5, sensor="rgb", shift=0.7, layouts="source")
+    loaded = LoveDA(tmp_path, "val", "urban")
+    ref = SyntheticAerial("urban", "val", 2, 32, 5, "rgb", shift=0.7, shift_from="rural", layouts="source")
+    for i in range(2):
+        assert torch.equal(loaded[i]["image"], ref[i]["image"]) and torch.equal(loaded[i]["mask"], ref[i]["mask"])
