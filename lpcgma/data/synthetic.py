@@ -255,14 +255,14 @@ class SyntheticAerial(Dataset[Sample]):
         if self.palette == "source":
             assert self.shift_from is not None
             own_style = with_palette(own_style, _STYLES[self.shift_from])
-        unshifted = self.shift_from is None or self.shift_from == self.domain
-        if unshifted or (self.shift == 1 and self.layouts == "shifted"):
+        source = self.shift_from
+        if source is None or source == self.domain or (self.shift == 1 and self.layouts == "shifted"):
             return generate_tile(np.random.default_rng(key), self.domain, self.tile_size, self.sensor, own_style)
         # the layout's coin has a stream of its own: the tile's stream is the unshifted tile's
         coin = np.random.default_rng([*key, 1]).random()
         own_layout = self.layouts == "shifted" and coin < self.shift
-        style = blend_styles(_STYLES[self.shift_from], own_style, self.shift)
-        layout = self.domain if own_layout else self.shift_from
+        style = blend_styles(_STYLES[source], own_style, self.shift)
+        layout = self.domain if own_layout else source
         return generate_tile(np.random.default_rng(key), layout, self.tile_size, self.sensor, style)
 
     def __getitem__(self, index: int) -> Sample:
