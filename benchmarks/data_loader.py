@@ -12,7 +12,7 @@ PID here; loopback, so this measures the S3 client and moto, not a network), the
 * stream setup: the source `TrainStream`'s construction — with rare-class sampling (the `loveda`
   config) it needs the per-tile class histograms: the folders decode every mask, the shards read
   their index file;
-* stream samples/s: the trainer's source stream (`Trainer._train_streams`: `TrainTransform` crop,
+* stream samples/s: the trainer's source stream (`Trainer.train_streams`: `TrainTransform` crop,
   rescale, flips, photometric jitter; batch size; loader worker processes), timed over `--batches`
   batches after one warm-up batch per worker (their time, worker start-up included, is reported
   on its own: batches the workers began together would otherwise inflate a short timed window).
@@ -53,22 +53,20 @@ def find_sample(root: str | None) -> Path | None:
 def measure(data_cfg: Any, batches: int, seed: int = 0) -> dict[str, float]:
     """Raw reads/s, stream set-up time, warm-up time and stream samples/s of one data source."""
     from lpcgma.data.build import build_datasets
-    from lpcgma.data.stream import TrainStream
-    from lpcgma.data.transforms import TrainTransform
+    from lpcgma.data.stream import augmented_stream
 
     d = data_cfg
     data = build_datasets(d)
     tiles = data.source_train
-    transform = TrainTransform(d.crop_size, d.scale_range, d.hflip, d.photometric, data.mean, data.std)
     tiles[0]  # untimed: lazy imports, the PNG decoder, the first connection
     t0 = time.perf_counter()
     for i in range(len(tiles)):  # type: ignore[arg-type]
         tiles[i]
     raw = len(tiles) / (time.perf_counter() - t0)  # type: ignore[arg-type]
 
-    t0 = time.perf_counter()  # as Trainer._train_streams builds the source stream
+    t0 = time.perf_counter()  # as Trainer.train_streams builds the source stream
     rcs = d.rcs_temperature if d.rcs_enabled else None
-    stream = TrainStream(tiles, transform, d.batch_size, seed * 2 + 1, num_workers=d.num_workers, rcs_temperature=rcs)  # type: ignore[arg-type]
+    stream = augmented_stream(tiles, d, data.mean, data.std, seed * 2 + 1, rcs_temperature=rcs)  # type: ignore[arg-type]
     setup = time.perf_counter() - t0
     it = stream.batches(0)
     t0 = time.perf_counter()

@@ -210,7 +210,7 @@ def measure(method: str, args: argparse.Namespace, profile_only: bool = False) -
         cfg = build_config(method, args, Path(tmp) / "run")
         trainer = Trainer(cfg, device=device)
         trainer.maybe_resume(None)  # a fresh run: the method's preparation pass (SDCA's statistics)
-        src_it, tgt_it = trainer._streams()
+        src_it, tgt_it = trainer.streams()
 
         def step() -> None:
             trainer.run_step(next(src_it), next(tgt_it))

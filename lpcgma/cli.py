@@ -8,6 +8,7 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TypeAlias
 
 from lpcgma.config import ConfigError, ExperimentConfig, load_config, resolve_config_path
 from lpcgma.engine.errors import CheckpointError
@@ -15,6 +16,8 @@ from lpcgma.engine.errors import CheckpointError
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DO_NOT_TRACK", "true")
+
+Subcommands: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"  # add_subparsers()
 
 
 def load_cli_config(config: str | None, overrides: Sequence[str]) -> ExperimentConfig:
@@ -67,7 +70,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     from lpcgma.config import replace
     from lpcgma.engine.checkpoint import CONFIG_FILE, read_checkpoint
-    from lpcgma.engine.trainer import Trainer
+    from lpcgma.engine.evaluator import evaluate_checkpoint
 
     ckpt = Path(args.checkpoint)
     cfg_file = ckpt / CONFIG_FILE if ckpt.is_dir() else ckpt.parent / CONFIG_FILE
@@ -75,10 +78,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         raise ConfigError(f"checkpoint '{ckpt}' has no {CONFIG_FILE} beside it")
     cfg = load_config(cfg_file, args.overrides)
     cfg = replace(cfg, {"train.resume": False, "model.pretrained": False})
-    trainer = Trainer(cfg)
     state = read_checkpoint(ckpt)
-    trainer.method.load_state_dict(state["method"])
-    metrics, cm, _ = trainer.evaluate()
+    metrics, cm, _ = evaluate_checkpoint(cfg, state["method"])
     print(json.dumps({"step": state["step"], **metrics}, indent=2))
     if args.out:
         confusion = None if cm is None else cm.tolist()  # None: the target has no labels
@@ -251,7 +252,14 @@ def cmd_tune(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lpcgma", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
+    _add_training_commands(sub)
+    _add_data_commands(sub)
+    _add_model_commands(sub)
+    return parser
 
+
+def _add_training_commands(sub: Subcommands) -> None:
+    """`lpcgma train`, `evaluate` and `tune`."""
     p = sub.add_parser("train", help="train one method (a single run, tracked in MLflow)")
     p.add_argument("--config", help="YAML file or packaged config name (synthetic, loveda, isprs, ...)")
     p.add_argument("--resume-from", help="checkpoint folder to resume from (default: newest in train.out_dir)")
@@ -275,6 +283,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="dotted base-config overrides, e.g. method.name=lpcgma")
     p.set_defaults(func=cmd_tune)
 
+
+def _add_data_commands(sub: Subcommands) -> None:
+    """`lpcgma data synth | prepare-isprs | import-isprs | pack | download | sample | check`."""
     data = sub.add_parser("data", help="dataset tools").add_subparsers(dest="data_command", required=True)
     p = data.add_parser("synth", help="write the synthetic two-domain benchmark in the LoveDA layout")
     p.add_argument("--root", required=True)
@@ -347,6 +358,9 @@ def build_parser() -> argparse.ArgumentParser:
                        default=["potsdam", "vaihingen"], help="ISPRS datasets")  # fmt: skip
         p.add_argument("--modality", choices=["rgb", "irrg"], default="irrg", help="ISPRS Potsdam image tiles")
 
+
+def _add_model_commands(sub: Subcommands) -> None:
+    """`lpcgma promote`, `predict` and `mlflow sync`."""
     p = sub.add_parser("promote", help="register a search's best trial as the champion model")
     p.add_argument("--search", help="search name (its trial runs are the candidates)")
     p.add_argument("--experiment", help="or: every training run of this MLflow experiment")
@@ -372,7 +386,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-dir", required=True, help="run folder (searched recursively for offline records)")
     p.add_argument("--tracking-uri", help="default: the URI recorded with the offline records")
     p.set_defaults(func=cmd_mlflow_sync)
-    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:

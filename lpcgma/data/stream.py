@@ -10,13 +10,17 @@ started at step k yields exactly the batches k, k+1, ... of a stream started at 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from lpcgma.data.sampling import MaskDataset, RareClassSampler, class_histograms
+from lpcgma.data.transforms import TrainTransform
+
+if TYPE_CHECKING:
+    from lpcgma.config import DataConfig
 
 Sample = dict[str, Any]
 Batch = dict[str, torch.Tensor]
@@ -138,3 +142,28 @@ class TrainStream:
             collate_fn=collate,
         )
         yield from loader
+
+
+def augmented_stream(
+    dataset: MaskDataset,
+    data_cfg: DataConfig,
+    mean: tuple[float, float, float],
+    std: tuple[float, float, float],
+    seed: int,
+    rank: int = 0,
+    world_size: int = 1,
+    rcs_temperature: float | None = None,
+) -> TrainStream:
+    """`dataset`'s training-augmented batches as `data_cfg` describes them (rescale, crop, flips,
+    photometric jitter, normalisation by `mean`/`std`), `data.batch_size` each, this rank's shard."""
+    d = data_cfg
+    return TrainStream(
+        dataset,
+        TrainTransform(d.crop_size, d.scale_range, d.hflip, d.photometric, mean, std),
+        batch_size=d.batch_size,
+        seed=seed,
+        rank=rank,
+        world_size=world_size,
+        num_workers=d.num_workers,
+        rcs_temperature=rcs_temperature,
+    )

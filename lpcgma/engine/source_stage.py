@@ -397,6 +397,9 @@ def ensure_source_model(
                 "sha256": _sha256(model / STATE_FILE),
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 "train_seconds": round(time.time() - t0, 1),
+                # the same key trained with another thread count or torch build is another draw
+                # (floating-point summation order), whose target score can differ by points
+                "trained_with": {"torch": torch.__version__, "torch_threads": torch.get_num_threads()},
                 "metrics": metrics,  # its last evaluation, on the target of the config that trained it:
                 "metrics_target": {k: v for k, v in flatten(cfg).items() if k.startswith("data.") and _unhashed(k)},
             }
@@ -415,11 +418,9 @@ def ensure_source_model(
 def evaluate_source_model(cfg: ExperimentConfig, model: SourceModel) -> dict[str, float]:
     """`model`'s metrics under `cfg`'s data and evaluation settings (its target, not the one it was
     stored with): the source-only reference a search's trials are compared with."""
-    from lpcgma.engine.trainer import Trainer
+    from lpcgma.engine.evaluator import evaluate_checkpoint
 
-    with tempfile.TemporaryDirectory(prefix="lpcgma-source-eval-") as tmp, _caller_rng():
-        stage = replace(stage_config(cfg), {"train.out_dir": tmp, "train.resume": False, "model.pretrained": False})
-        trainer = Trainer(stage)
-        trainer.method.load_state_dict(read_checkpoint(model.checkpoint)["method"])
-        metrics, _, _ = trainer.evaluate()
+    with _caller_rng():
+        stage = replace(stage_config(cfg), {"train.resume": False, "model.pretrained": False})
+        metrics, _, _ = evaluate_checkpoint(stage, read_checkpoint(model.checkpoint)["method"])
     return metrics

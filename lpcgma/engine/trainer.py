@@ -25,8 +25,7 @@ from torch import Tensor
 from lpcgma import comm
 from lpcgma.config import ConfigError, ExperimentConfig, dump_config
 from lpcgma.data.build import DomainData, build_datasets
-from lpcgma.data.stream import TrainStream
-from lpcgma.data.transforms import EvalTransform, TrainTransform
+from lpcgma.data.stream import TrainStream, augmented_stream
 from lpcgma.engine.checkpoint import (
     latest_checkpoint,
     prune_checkpoints,
@@ -36,27 +35,18 @@ from lpcgma.engine.checkpoint import (
     step_dir,
     write_checkpoint,
 )
-from lpcgma.engine.evaluate import confusion_matrix, metrics_from_confusion, rescale_image, sliding_window_logits
+from lpcgma.engine.evaluator import Evaluator, resolve_device
 from lpcgma.engine.label_free import (
     CRITERIA,
     TARGET_LABEL_FREE,
     Criterion,
     find_criterion,
     is_better,
-    label_free_metrics,
-    subsample,
 )
 from lpcgma.engine.source_stage import check_model_compatible, ensure_source_model
 from lpcgma.methods import METHODS, Method, build_method
-from lpcgma.methods.base import pixel_rows
-from lpcgma.models import upsample_logits
-from lpcgma.models.batchnorm import recompute_bn_stats
 
 SELECTION_METRIC = "target_miou"  # the default of train.select_by
-# Seed of the fixed evaluation subsamples (label-free target tiles, SND pixels, source tiles): the
-# same whatever train.seed, so that runs and trials on the same data are scored on the same pixels.
-EVAL_SUBSAMPLE_SEED = 0
-PRECISE_BN_SEED = 1_000_003  # the precise-BN streams' seeds: PRECISE_BN_SEED + domain index
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -100,12 +90,6 @@ class Callback:
     def on_train_end(self, result: TrainResult) -> None: ...
 
     def on_exception(self, error: BaseException) -> None: ...
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def seed_everything(seed: int) -> None:
@@ -174,13 +158,6 @@ class _OfflineMasks(torch.utils.data.Dataset[dict[str, Any]]):
         return {**sample, "mask": self.masks[index]} if self.masks else sample  # type: ignore[no-any-return]
 
 
-def _centre_crop(image: Tensor, size: int) -> Tensor:
-    """The central (at most) size × size window of an image [C, H, W]."""
-    h, w = image.shape[-2:]
-    top, left = max(0, (h - size) // 2), max(0, (w - size) // 2)
-    return image[..., top : top + size, left : left + size]
-
-
 def poly_lr_factor(step: int, total: int, warmup: int, power: float) -> float:
     """Linear warm-up to 1 over `warmup` steps, then (1 − t/T)^power decay."""
     if warmup > 0 and step < warmup:
@@ -221,14 +198,12 @@ class Trainer:
             lambda s: poly_lr_factor(s, cfg.train.iters, cfg.optim.warmup_iters, cfg.optim.poly_power),
         )
         self.step = 0
-        self._offline_masks: dict[int, Tensor] = {}  # OfflineTargetLabelling: this rank's target labels
+        self.offline_masks: dict[int, Tensor] = {}  # OfflineTargetLabelling: this rank's target labels
         self.best_metric = -math.inf if self.selection.mode == "max" else math.inf
         self.best_step = -1
-        self.eval_transform = EvalTransform(self.data.mean, self.data.std)
-        self.use_amp = cfg.train.amp and self.device.type == "cuda"
-        bf16 = cfg.train.amp_dtype == "bfloat16" and (not self.use_amp or torch.cuda.is_bf16_supported())
-        self.amp_dtype = torch.bfloat16 if bf16 else torch.float16
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp and self.amp_dtype == torch.float16)
+        self.evaluator = Evaluator(cfg, self.data, self.method, self.device, self.memory_format)
+        fp16 = self.evaluator.use_amp and self.evaluator.amp_dtype == torch.float16
+        self.scaler = torch.amp.GradScaler("cuda", enabled=fp16)
 
     # ------------------------------------------------------------------------------------ setup
     def _build_optimizer(self) -> torch.optim.Optimizer:
@@ -240,41 +215,23 @@ class Trainer:
             return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
         return torch.optim.AdamW(groups, lr=o.lr, weight_decay=o.weight_decay)
 
-    def _stream(self, dataset: Any, seed: int, rcs_temperature: float | None = None) -> TrainStream:
-        """Training-augmented batches of `dataset` (this rank's shard), `data.batch_size` each."""
-        d = self.cfg.data
-        return TrainStream(
-            dataset,
-            TrainTransform(d.crop_size, d.scale_range, d.hflip, d.photometric, self.data.mean, self.data.std),
-            batch_size=d.batch_size,
-            seed=seed,
-            rank=self.rank,
-            world_size=self.world_size,
-            num_workers=d.num_workers,
-            rcs_temperature=rcs_temperature,
-        )
-
     @functools.cached_property
-    def _train_streams(self) -> tuple[TrainStream, TrainStream]:
+    def train_streams(self) -> tuple[TrainStream, TrainStream]:
         """The source and target streams, built once (rare-class histograms are computed here)."""
         d, seed = self.cfg.data, self.cfg.train.seed
         target = self.data.target_train
         if self._offline_labels_from() is not None:
-            target = _OfflineMasks(target, self._offline_masks)
+            target = _OfflineMasks(target, self.offline_masks)
         rcs = d.rcs_temperature if d.rcs_enabled else None
-        return self._stream(self.data.source_train, seed * 2 + 1, rcs), self._stream(target, seed * 2 + 2)
+        mean, std, rank, world = self.data.mean, self.data.std, self.rank, self.world_size
+        return (
+            augmented_stream(self.data.source_train, d, mean, std, seed * 2 + 1, rank, world, rcs),  # type: ignore[arg-type]
+            augmented_stream(target, d, mean, std, seed * 2 + 2, rank, world),  # type: ignore[arg-type]
+        )
 
-    @functools.cached_property
-    def _precise_bn_streams(self) -> list[TrainStream]:
-        """One stream per domain the student trains on, with seeds of their own (not the training
-        streams'), read from their first batch at every evaluation: the same crops each time."""
-        datasets = {"source": self.data.source_train, "target": self.data.target_train}
-        domains = self.method.student_domains
-        return [self._stream(datasets[d], PRECISE_BN_SEED + i) for i, d in enumerate(domains)]
-
-    def _streams(self) -> tuple[Iterator[dict[str, Tensor]], Iterator[dict[str, Tensor]]]:
+    def streams(self) -> tuple[Iterator[dict[str, Tensor]], Iterator[dict[str, Tensor]]]:
         """Batch iterators of both domains from the current step on."""
-        src, tgt = self._train_streams
+        src, tgt = self.train_streams
         return src.batches(self.step), tgt.batches(self.step)
 
     # ------------------------------------------------------------------------------ checkpoints
@@ -335,12 +292,12 @@ class Trainer:
         if init:
             check_model_compatible(self.cfg, init, self.class_names)
             self.method.load_student(read_checkpoint(init, map_location="cpu")["method"])
-        src_it, _ = self._streams()
-        device_batches = (self._to_device(b) for b in src_it)
+        src_it, _ = self.streams()
+        device_batches = (self.to_device(b) for b in src_it)
         self.method.prepare(device_batches, len(self.data.source_train))  # type: ignore[arg-type]
 
     # ------------------------------------------------------------------------------------- step
-    def _to_device(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+    def to_device(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         """A batch on the device; images ([B, C, H, W]) in the networks' memory format."""
         out = {}
         for k, v in batch.items():
@@ -351,8 +308,8 @@ class Trainer:
     def run_step(self, source: dict[str, Tensor], target: dict[str, Tensor]) -> dict[str, Tensor]:
         """One optimisation step; returns the method's logs (tensors, no host sync)."""
         self.method.train()
-        source, target = self._to_device(source), self._to_device(target)
-        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.use_amp):
+        source, target = self.to_device(source), self.to_device(target)
+        with self.evaluator.autocast():
             out = self.method.train_step(source, target, self.step)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(out.loss).backward()
@@ -369,126 +326,6 @@ class Trainer:
         logs["loss/total"] = out.loss.detach()
         return logs
 
-    # ------------------------------------------------------------------------------- evaluation
-    def precise_bn(self) -> int:
-        """Recompute the BatchNorm statistics of the student (given to the EMA teacher) and of the
-        weight average, if any, each over the same `train.precise_bn_batches` fixed batches of every
-        domain the student trains on (interleaved; uniform tiles, no rare-class sampling); returns the
-        number of batches per network (0: off). Collective: every rank calls it."""
-        n = self.cfg.train.precise_bn_batches
-        if n == 0:
-            return 0
-        average = self.method.average
-        for net in [self.method.student] + ([average.net] if average is not None else []):
-            count = self._recompute_bn(net, n)
-        if self.method.teacher is not None:
-            self.method.teacher.copy_buffers(self.method.student)
-        return count
-
-    def _recompute_bn(self, net: torch.nn.Module, n: int) -> int:
-        iterators = [stream.batches(0) for stream in self._precise_bn_streams]
-
-        def images() -> Iterator[Tensor]:
-            for _ in range(n):
-                for it in iterators:
-                    yield next(it)["image"].to(self.device, non_blocking=True, memory_format=self.memory_format)
-
-        try:
-            with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.use_amp):
-                return recompute_bn_stats(net, images())
-        finally:
-            for it in iterators:
-                it.close()  # type: ignore[attr-defined]
-
-    def predict(self, images: Tensor, net: torch.nn.Module | None = None) -> Tensor:
-        """Logits of `net` (default: the evaluated `Method.eval_net`) at input size for images [N,3,H,W]."""
-        net = self.method.eval_net if net is None else net
-        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.use_amp):
-            return upsample_logits(net(images)["logits"], (images.shape[-2], images.shape[-1]))
-
-    @torch.no_grad()
-    def evaluate(self, num_previews: int = 0) -> tuple[dict[str, float], Tensor | None, list[dict[str, Any]]]:
-        """Every evaluation metric, the target confusion matrix and a few target prediction previews.
-
-        Target metrics (``target_miou``, …) over whole tiles when the target has labels (else no
-        confusion matrix and no previews), ``source_miou`` on `train.source_eval_tiles` source
-        validation tiles, the label-free criteria (`label_free_metrics`) and the method's diagnostics.
-        """
-        self.method.eval()
-        t = self.cfg.train
-        metrics: dict[str, float] = {}
-        cm: Tensor | None = None
-        previews: list[dict[str, Any]] = []
-        if self.cfg.data.target_labels:
-            everything = range(len(self.data.target_eval))  # type: ignore[arg-type]
-            metrics, cm, previews = self._evaluate_tiles(self.data.target_eval, everything, "target_", num_previews)
-        if t.source_eval_tiles:
-            tiles = subsample(len(self.data.source_eval), t.source_eval_tiles, EVAL_SUBSAMPLE_SEED)  # type: ignore[arg-type]
-            metrics.update(self._evaluate_tiles(self.data.source_eval, tiles.tolist(), "source_")[0])
-        if t.label_free_tiles:
-            metrics.update(self.label_free_metrics())
-        metrics.update(self.method.diagnostics())
-        return metrics, cm, previews
-
-    def _evaluate_tiles(
-        self, dataset: Any, indices: Sequence[int], prefix: str, num_previews: int = 0
-    ) -> tuple[dict[str, float], Tensor, list[dict[str, Any]]]:
-        """Metrics (keys `prefix`…) over whole labelled tiles by sliding window, and previews of the first few."""
-        t = self.cfg.train
-        c = len(self.class_names)
-        cm = torch.zeros((c, c), dtype=torch.long)
-        previews: list[dict[str, Any]] = []
-        for n, i in enumerate(indices):
-            raw = dataset[i]
-            sample = self.eval_transform(raw)
-            image = sample["image"].to(self.device)
-            scale = self.cfg.data.eval_scale
-            logits = sliding_window_logits(self.predict, image, c, t.eval_window, t.eval_stride, scale=scale)
-            pred = logits.argmax(0).cpu()
-            cm += confusion_matrix(pred, sample["mask"], c)
-            if n < num_previews:
-                previews.append({"name": raw["name"], "image": raw["image"], "mask": raw["mask"], "pred": pred})
-        return metrics_from_confusion(cm, self.class_names, prefix=prefix), cm, previews
-
-    @torch.no_grad()
-    def label_free_metrics(self) -> dict[str, float]:
-        """The criteria of `label_free.TARGET_LABEL_FREE` on unlabelled target tiles; no mask is used.
-
-        `train.label_free_tiles` target_train tiles (a fixed subsample: the same in every run on the
-        same data) are resized to the test scale `data.eval_scale` and centre-cropped to
-        `train.eval_window`; the evaluated network (`eval_net`) predicts each crop and its horizontal
-        flip, the EMA teacher (if any) the crop: up to three forward passes per tile, at the network's
-        output resolution. SND uses `train.snd_pixels` of those pixels (fixed subsample).
-        """
-        self.method.eval()
-        t = self.cfg.train
-        teacher, model = self.method.teacher, self.method.eval_net
-        tiles = subsample(len(self.data.target_train), t.label_free_tiles, EVAL_SUBSAMPLE_SEED)  # type: ignore[arg-type]
-        probs: list[Tensor] = []
-        embeds: list[Tensor] = []
-        flipped: list[Tensor] = []
-        taught: list[Tensor] = []
-        for i in tiles.tolist():
-            image = rescale_image(self.eval_transform(self.data.target_train[i])["image"], self.cfg.data.eval_scale)
-            x = _centre_crop(image, t.eval_window)[None].to(self.device)
-            with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.use_amp):
-                out = model(x)
-                flip_logits = model(x.flip(-1))["logits"].flip(-1)
-                teacher_logits = teacher(x)["logits"] if teacher is not None else None
-            probs.append(pixel_rows(out["logits"].float().softmax(1)))
-            embeds.append(pixel_rows(out["embed"].float()))
-            flipped.append(pixel_rows(flip_logits.float().softmax(1)))
-            if teacher_logits is not None:
-                taught.append(pixel_rows(teacher_logits.float().softmax(1)))
-        return label_free_metrics(
-            torch.cat(probs),
-            torch.cat(embeds),
-            teacher_probs=torch.cat(taught) if taught else None,
-            flip_probs=torch.cat(flipped),
-            snd_pixels=t.snd_pixels,
-            seed=EVAL_SUBSAMPLE_SEED,
-        )
-
     # --------------------------------------------------------------------- offline target labels
     def _offline_labels_from(self) -> int | None:
         m = self.method
@@ -500,20 +337,13 @@ class Trainer:
         run again, from the labelling network in the checkpoint. Collective: every rank calls it."""
         assert isinstance(self.method, OfflineTargetLabelling)
         net = self.method.begin_offline_labelling()
-        t, c = self.cfg.train, len(self.class_names)
+        evaluator, dataset = self.evaluator, self.data.target_train
 
-        def tiles() -> Iterator[tuple[int, Tensor]]:  # sliding_window_logits averages softmax scores
-            for i in self._train_streams[1].shard.tolist():
-                image = self.eval_transform(self.data.target_train[i])["image"].to(self.device)
-                scale = self.cfg.data.eval_scale
-                yield (
-                    i,
-                    sliding_window_logits(
-                        lambda x: self.predict(x, net), image, c, t.eval_window, t.eval_stride, scale=scale
-                    ),
-                )
+        def tiles() -> Iterator[tuple[int, Tensor]]:  # averaged softmax scores of the sliding window
+            for i in self.train_streams[1].shard.tolist():
+                yield i, evaluator.tile_scores(evaluator.eval_transform(dataset[i])["image"], net)
 
-        self._offline_masks.update(self.method.make_offline_labels(tiles()))
+        self.offline_masks.update(self.method.make_offline_labels(tiles()))
 
     # ------------------------------------------------------------------------------------- loop
     def fit(self, resume_from: str | Path | None = None) -> TrainResult:
@@ -536,7 +366,7 @@ class Trainer:
 
     def _loop(self) -> TrainResult:
         cfg = self.cfg.train
-        src_it, tgt_it = self._streams()
+        src_it, tgt_it = self.streams()
         bar = self._progress_bar()
         metrics: dict[str, float] = {}
         last_ckpt: Path | None = latest_checkpoint(self.ckpt_root) if self.is_main else None
@@ -544,9 +374,9 @@ class Trainer:
         t0 = time.perf_counter()
         offline_from = self._offline_labels_from()
         while self.step < cfg.iters:
-            if offline_from is not None and self.step >= offline_from and not self._offline_masks:
+            if offline_from is not None and self.step >= offline_from and not self.offline_masks:
                 self._make_offline_target_labels()
-                tgt_it = self._train_streams[1].batches(self.step)  # new loader workers see the labels
+                tgt_it = self.train_streams[1].batches(self.step)  # new loader workers see the labels
             logs = self.run_step(next(src_it), next(tgt_it))
             window.append(logs)
             self.step += 1
@@ -588,9 +418,9 @@ class Trainer:
         previews: list[dict[str, Any]] = []
         is_best = False
         if do_eval:
-            self.precise_bn()
+            self.evaluator.precise_bn()
         if do_eval and self.is_main:
-            metrics, confusion, previews = self.evaluate(self.cfg.tracking.log_overlays)
+            metrics, confusion, previews = self.evaluator.evaluate(self.cfg.tracking.log_overlays)
             metric, mode = self.selection
             score = metrics.get(metric, math.nan)
             if is_better(score, self.best_metric, mode):

@@ -225,6 +225,68 @@ def _classes_from(run_dir: Path, state: dict[str, Any], cfg: ExperimentConfig) -
     return {"names": names, "palette": palette, "mean": list(mean), "std": list(std)}
 
 
+def _download_best(client: Any, run_id: str, folder: Path) -> tuple[Path, Path]:
+    """Download the run's best checkpoint (and its config and classes, when logged) into `folder`;
+    return (checkpoint folder, config file)."""
+    try:
+        ckpt = Path(client.download_artifacts(run_id, BEST_CHECKPOINT, str(folder)))
+    except Exception as e:
+        raise PromotionError(f"run {run_id} has no '{BEST_CHECKPOINT}' artifact: {e}") from e
+    if not (ckpt / STATE_FILE).is_file():
+        raise PromotionError(f"run {run_id}: '{BEST_CHECKPOINT}' has no {STATE_FILE}")
+    for name in ("config.yaml", CLASSES_FILE):
+        try:
+            client.download_artifacts(run_id, name, str(folder))
+        except Exception:
+            log.info("run %s has no %s artifact", run_id, name)
+    cfg_file = folder / "config.yaml" if (folder / "config.yaml").is_file() else ckpt / CONFIG_FILE
+    return ckpt, cfg_file
+
+
+def _model_metadata(
+    cfg: ExperimentConfig, classes: dict[str, Any], metric: str, best: Any, split: str
+) -> dict[str, Any]:
+    """The logged model's metadata: what a predictor needs (classes, normalisation, window) and where it came from."""
+    return {
+        "class_names": classes["names"],
+        "palette": classes["palette"],
+        "mean": classes["mean"],
+        "std": classes["std"],
+        "window": cfg.train.eval_window,
+        "stride": cfg.train.eval_stride,
+        "scale": cfg.data.eval_scale,
+        "input": "float32 [N, 3, window, window], (pixel 0-255 - mean) / std",
+        "output": "class logits [N, C, window, window]",
+        "metric": metric,
+        "metric_value": best.value,
+        EVAL_SPLIT_TAG: split,
+        "source_run_id": best.run_id,
+        "best_step": best.step,
+    }
+
+
+def _version_tags(
+    cfg: ExperimentConfig, metric: str, mode: str, best: Any, split: str, checkpoint_step: int
+) -> dict[str, str]:
+    """The registered version's tags: the selection, its source run (search and trial) and the task."""
+    tags = {
+        "metric": metric,
+        "metric_value": repr(best.value),
+        "mode": mode,
+        EVAL_SPLIT_TAG: split,
+        "source_run_id": best.run_id,
+        "best_step": str(best.step),
+        "checkpoint_step": str(checkpoint_step),
+        "method": cfg.method.name,
+        "dataset": cfg.data.dataset,
+        "domains": f"{cfg.data.source_domain} → {cfg.data.target_domain}",
+    }
+    for k in (SEARCH_TAG, TRIAL_TAG):
+        if k in best.run.data.tags:
+            tags[k] = best.run.data.tags[k]
+    return tags
+
+
 def promote(
     search: str | None = None,
     *,
@@ -251,18 +313,7 @@ def promote(
     best = best_candidate(client, runs, metric, mode)
     with tempfile.TemporaryDirectory(prefix="lpcgma-promote-") as tmp:
         t = Path(tmp)
-        try:
-            ckpt = Path(client.download_artifacts(best.run_id, BEST_CHECKPOINT, str(t)))
-        except Exception as e:
-            raise PromotionError(f"run {best.run_id} has no '{BEST_CHECKPOINT}' artifact: {e}") from e
-        if not (ckpt / STATE_FILE).is_file():
-            raise PromotionError(f"run {best.run_id}: '{BEST_CHECKPOINT}' has no {STATE_FILE}")
-        for name in ("config.yaml", CLASSES_FILE):
-            try:
-                client.download_artifacts(best.run_id, name, str(t))
-            except Exception:
-                log.info("run %s has no %s artifact", best.run_id, name)
-        cfg_file = t / "config.yaml" if (t / "config.yaml").is_file() else ckpt / CONFIG_FILE
+        ckpt, cfg_file = _download_best(client, best.run_id, t)
         cfg = load_config(cfg_file, ["model.pretrained=false"])
         split = best.run.data.tags.get(EVAL_SPLIT_TAG) or eval_split_tag(cfg)
         name = model_name or default_model_name(cfg)
@@ -281,37 +332,8 @@ def promote(
         with torch.no_grad():
             out = predictor(torch.from_numpy(example)).numpy()
         (t / CLASSES_FILE).write_text(json.dumps(classes, indent=1))
-        metadata = {
-            "class_names": classes["names"],
-            "palette": classes["palette"],
-            "mean": classes["mean"],
-            "std": classes["std"],
-            "window": w,
-            "stride": cfg.train.eval_stride,
-            "scale": cfg.data.eval_scale,
-            "input": "float32 [N, 3, window, window], (pixel 0-255 - mean) / std",
-            "output": "class logits [N, C, window, window]",
-            "metric": metric,
-            "metric_value": best.value,
-            EVAL_SPLIT_TAG: split,
-            "source_run_id": best.run_id,
-            "best_step": best.step,
-        }
-        version_tags = {
-            "metric": metric,
-            "metric_value": repr(best.value),
-            "mode": mode,
-            EVAL_SPLIT_TAG: split,
-            "source_run_id": best.run_id,
-            "best_step": str(best.step),
-            "checkpoint_step": str(int(state.get("step", -1))),
-            "method": cfg.method.name,
-            "dataset": cfg.data.dataset,
-            "domains": f"{cfg.data.source_domain} → {cfg.data.target_domain}",
-        }
-        for k in (SEARCH_TAG, TRIAL_TAG):
-            if k in best.run.data.tags:
-                version_tags[k] = best.run.data.tags[k]
+        metadata = _model_metadata(cfg, classes, metric, best, split)
+        version_tags = _version_tags(cfg, metric, mode, best, split, int(state.get("step", -1)))
         with _fluent_uri(uri):
             set_experiment(experiment_id=best.run.info.experiment_id)
             info = log_model(

@@ -318,7 +318,7 @@ def test_trainer_trains_from_shards_and_folders_with_the_same_samples(tmp_path: 
     assert isinstance(b.data.source_train, ShardDataset) and b.class_names == a.class_names
     for name in SETS:
         assert_same_samples(getattr(a.data, name), getattr(b.data, name))
-    (src_a, tgt_a), (src_b, tgt_b) = a._train_streams, b._train_streams
+    (src_a, tgt_a), (src_b, tgt_b) = a.train_streams, b.train_streams
     assert src_a.sampler is not None and src_b.sampler is not None  # rare-class sampling of the source tiles
     assert np.array_equal(src_a.sampler.probs, src_b.sampler.probs)
     for sa, sb in ((src_a, src_b), (tgt_a, tgt_b)):

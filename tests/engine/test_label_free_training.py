@@ -75,11 +75,11 @@ def test_trainer_reports_every_criterion_and_selects_by_a_min_criterion(tmp_path
 
 def test_switches_turn_the_criteria_and_source_evaluation_off(tmp_path: Path) -> None:
     cfg = tiny(tmp_path, "method.name=source_only", "train.label_free_tiles=0", "train.source_eval_tiles=0")
-    metrics, cm, _ = Trainer(cfg).evaluate()
+    metrics, cm, _ = Trainer(cfg).evaluator.evaluate()
     assert "target_miou" in metrics and cm is not None
     assert not LABEL_FREE_KEYS & set(metrics) and not any(k.startswith("source_") for k in metrics)
     cfg = tiny(tmp_path, "method.name=source_only")  # no EMA teacher: no agreement
-    metrics, _, _ = Trainer(cfg).evaluate()
+    metrics, _, _ = Trainer(cfg).evaluator.evaluate()
     assert "target_agreement" not in metrics and LABEL_FREE_KEYS - {"target_agreement"} <= set(metrics)
 
 
@@ -103,7 +103,7 @@ def test_label_free_run_reads_no_target_mask(loveda_without_target_masks: Path, 
     for record in evaluations(tmp_path):
         assert LABEL_FREE_KEYS | {"source_miou", "best_target_snd"} <= set(record)
         assert not any(k.startswith(("target_miou", "target_oa", "target_mf1", "target_iou/")) for k in record)
-    metrics, cm, previews = Trainer(cfg).evaluate(num_previews=2)  # `lpcgma evaluate`: no target confusion
+    metrics, cm, previews = Trainer(cfg).evaluator.evaluate(num_previews=2)  # `lpcgma evaluate`: no target confusion
     assert cm is None and previews == [] and "target_snd" in metrics
 
 

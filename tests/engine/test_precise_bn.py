@@ -26,10 +26,10 @@ def test_the_teacher_gets_the_students_recomputed_statistics(tmp_path: Path) -> 
     trainer = Trainer(tiny(tmp_path, "method.name=self_training", "train.precise_bn_batches=2"))
     teacher = trainer.method.teacher
     assert teacher is not None
-    src, tgt = trainer._streams()
+    src, tgt = trainer.streams()
     trainer.run_step(next(src), next(tgt))
     stale = bn_buffers(teacher.net)
-    assert trainer.precise_bn() == 4  # 2 batches of each domain the student trains on
+    assert trainer.evaluator.precise_bn() == 4  # 2 batches of each domain the student trains on
     recomputed = bn_buffers(trainer.method.student)
     assert_same(bn_buffers(teacher.net), recomputed)  # the teacher predicts with the same statistics
     assert any(not torch.allclose(a, b) for a, b in zip(stale, recomputed, strict=True))
@@ -37,16 +37,16 @@ def test_the_teacher_gets_the_students_recomputed_statistics(tmp_path: Path) -> 
 
 def test_the_same_weights_evaluate_the_same_after_different_histories(tmp_path: Path) -> None:
     trainer = Trainer(tiny(tmp_path, "method.name=source_only", "train.precise_bn_batches=2"))
-    assert trainer.precise_bn() == 2  # source only: the student never sees a target image
-    before, _, _ = trainer.evaluate()
+    assert trainer.evaluator.precise_bn() == 2  # source only: the student never sees a target image
+    before, _, _ = trainer.evaluator.evaluate()
     student = trainer.method.student
     student.train()
     with torch.no_grad():  # other batches move the running statistics, not the weights
         for _ in range(3):
             student(torch.randn(2, 3, 48, 48) * 2 + 1)
-    moved, _, _ = trainer.evaluate()
-    trainer.precise_bn()
-    after, _, _ = trainer.evaluate()
+    moved, _, _ = trainer.evaluator.evaluate()
+    trainer.evaluator.precise_bn()
+    after, _, _ = trainer.evaluator.evaluate()
     assert moved["source_miou"] != before["source_miou"] or moved["target_miou"] != before["target_miou"]
     assert after["source_miou"] == before["source_miou"] and after["target_miou"] == before["target_miou"]
 
@@ -60,7 +60,7 @@ def test_training_is_unchanged_and_off_means_the_running_averages(tmp_path: Path
 
     on, trainer_on = run("on", "train.precise_bn_batches=2")
     off, trainer_off = run("off", "train.precise_bn_batches=0")
-    assert trainer_off.precise_bn() == 0
+    assert trainer_off.evaluator.precise_bn() == 0
     losses = [[r["loss/total"] for r in rows if "loss/total" in r] for rows in (on, off)]
     assert losses[0] == losses[1] and len(losses[0]) == 2  # the same training batches and weights
     for a, b in zip(trainer_on.method.student.parameters(), trainer_off.method.student.parameters(), strict=True):

@@ -63,13 +63,13 @@ def test_evaluation_and_precise_bn_use_the_average(tmp_path: Path) -> None:
     trainer = Trainer(tiny(tmp_path, "method.name=self_training", "train.eval_ema=0.9", "train.precise_bn_batches=2"))
     average = trainer.method.average
     assert average is not None and trainer.method.eval_net is average.net
-    src, tgt = trainer._streams()
+    src, tgt = trainer.streams()
     for _ in range(2):
         trainer.run_step(next(src), next(tgt))
-    assert trainer.precise_bn() == 4
+    assert trainer.evaluator.precise_bn() == 4
     recomputed = bn_buffers(average.net)
     assert any(not torch.allclose(a, b) for a, b in zip(recomputed, bn_buffers(trainer.method.student), strict=True))
-    iterators = [stream.batches(0) for stream in trainer._precise_bn_streams]
+    iterators = [stream.batches(0) for stream in trainer.evaluator.precise_bn_streams]
     images = (next(it)["image"] for _ in range(2) for it in iterators)
     recompute_bn_stats(average.net, images)  # the same fixed batches give the same statistics
     assert_same(bn_buffers(average.net), recomputed)
@@ -77,9 +77,9 @@ def test_evaluation_and_precise_bn_use_the_average(tmp_path: Path) -> None:
     trainer.method.eval()
     with torch.no_grad():
         expected = average.net(x)["logits"]
-        got = trainer.predict(x)
+        got = trainer.evaluator.predict(x)
     assert got.shape[-2:] == (64, 64)
-    assert not torch.allclose(got, trainer.predict(x, trainer.method.student))
+    assert not torch.allclose(got, trainer.evaluator.predict(x, trainer.method.student))
     torch.testing.assert_close(torch.nn.functional.interpolate(expected, (64, 64), mode="bilinear"), got)
 
 

@@ -148,7 +148,7 @@ def test_lpcgma_cost_options_drop_a_backward_and_the_teacher_source_pass(
     teacher_calls: list[bool] = []  # (the teacher's parameters never require gradients)
     method.student.register_forward_pre_hook(lambda *_: student_calls.append(torch.is_grad_enabled()))
     method.teacher.register_forward_pre_hook(lambda *_: teacher_calls.append(torch.is_grad_enabled()))
-    src_it, tgt_it = trainer._streams()
+    src_it, tgt_it = trainer.streams()
     pushed = []
     for _ in range(3):
         student_calls.clear()
@@ -247,9 +247,9 @@ def test_method_steps_under_bf16_autocast(method: str, tmp_path: Path) -> None:
     (BiDA's masked logits overflowed bf16 on an H200 before the losses ran in float32). Steps only:
     bf16 convolutions are ≈ 100× slower than float32 on this CPU."""
     trainer = Trainer(tiny_config(tmp_path, f"method.name={method}", *METHOD_EXTRAS.get(method, [])))
-    trainer.use_amp, trainer.amp_dtype = True, torch.bfloat16  # what a CUDA device would set
+    trainer.evaluator.use_amp, trainer.evaluator.amp_dtype = True, torch.bfloat16  # what a CUDA device would set
     trainer.maybe_resume(None)  # the method's preparation pass (SDCA's statistics)
-    source, target = trainer._streams()
+    source, target = trainer.streams()
     for _ in range(3):  # LPCGMA's Gaussian terms start at step 2
         logs = trainer.run_step(next(source), next(target))
         trainer.step += 1

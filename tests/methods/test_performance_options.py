@@ -17,7 +17,7 @@ def first_steps(tmp_path: Path, *extra: str, steps: int = 2) -> tuple[Trainer, l
     """An LPCGMA trainer and its first `steps` total losses (every term on from step 0)."""
     cfg = tiny_config(tmp_path, "method.name=lpcgma", *METHOD_EXTRAS["lpcgma"], "method.gmm_warmup_iters=0", *extra)
     trainer = Trainer(cfg)
-    src, tgt = trainer._streams()
+    src, tgt = trainer.streams()
     losses = []
     for _ in range(steps):
         logs = trainer.run_step(next(src), next(tgt))
@@ -31,7 +31,7 @@ def test_channels_last_converts_the_networks_and_gives_the_same_losses(tmp_path:
     trainer, losses = first_steps(tmp_path / "nhwc", "train.channels_last=true")
     convs = [m for m in trainer.method.modules() if isinstance(m, torch.nn.Conv2d)]
     assert convs and all(c.weight.is_contiguous(memory_format=torch.channels_last) for c in convs)
-    batch = trainer._to_device(next(trainer._streams()[0]))
+    batch = trainer.to_device(next(trainer.streams()[0]))
     assert batch["image"].is_contiguous(memory_format=torch.channels_last)
     assert batch["mask"].dim() == 3  # masks keep their layout
     assert losses == pytest.approx(reference, rel=1e-4)
@@ -50,5 +50,5 @@ def test_amp_dtype_is_checked_and_chosen(tmp_path: Path) -> None:
         tiny_config(tmp_path, "train.amp_dtype=float8")
     cfg = tiny_config(tmp_path, "method.name=source_only", "train.amp_dtype=float16")
     trainer = Trainer(cfg)
-    assert trainer.amp_dtype == torch.float16
-    assert not trainer.use_amp and not trainer.scaler.is_enabled()  # on a CPU autocast stays off
+    assert trainer.evaluator.amp_dtype == torch.float16
+    assert not trainer.evaluator.use_amp and not trainer.scaler.is_enabled()  # on a CPU autocast stays off

@@ -82,7 +82,7 @@ def test_without_the_round_the_state_keeps_its_keys(tmp_path: Path) -> None:
 
 def test_the_round_refuses_to_train_without_offline_labels(tmp_path: Path) -> None:
     trainer = Trainer(tiny_config(tmp_path, *ROUND))
-    src, tgt = trainer._streams()
+    src, tgt = trainer.streams()
     assert isinstance(trainer.method, SDCA)
     trainer.method.train_step(next(src), next(tgt), step=3)  # SDCA adaptation: fine
     with pytest.raises(RuntimeError, match="offline target pseudo-labels"):
@@ -95,7 +95,7 @@ def test_the_round_weighs_source_ce_by_final_st_source_weight(tmp_path: Path, we
     method = trainer.method
     assert isinstance(method, SDCA)
     method._final_st_labelled = True  # as after make_offline_labels; the target masks stand in for labels
-    src, tgt = trainer._streams()
+    src, tgt = trainer.streams()
     source, target = next(src), next(tgt)
     out = method.train_step(source, target, step=4)
     assert "loss/sdca_target" not in out.logs and ("loss/source_ce" in out.logs) == (weight > 0)
@@ -111,8 +111,8 @@ def test_served_labels_are_cropped_and_flipped_with_their_images(tmp_path: Path)
     d = trainer.cfg.data
     transform = TrainTransform(d.crop_size, d.scale_range, d.hflip, d.photometric, trainer.data.mean, trainer.data.std)
     plain = TrainStream(tiles, transform, d.batch_size, seed=trainer.cfg.train.seed * 2 + 2).batches(5)  # type: ignore[arg-type]
-    trainer._offline_masks.update({i: tiles[i]["mask"].to(torch.uint8) for i in range(len(tiles))})  # type: ignore[arg-type]
-    served = trainer._train_streams[1].batches(5)
+    trainer.offline_masks.update({i: tiles[i]["mask"].to(torch.uint8) for i in range(len(tiles))})  # type: ignore[arg-type]
+    served = trainer.train_streams[1].batches(5)
     for _ in range(3):
         a, b = next(plain), next(served)
         assert torch.equal(a["image"], b["image"]) and torch.equal(a["mask"], b["mask"])
@@ -140,7 +140,7 @@ def test_round_runs_and_resume_inside_it_matches_an_uninterrupted_run(tmp_path: 
         Trainer(tiny_config(tmp_path / "b", *ROUND), [_CrashAfter(6)]).fit()
     resumed_trainer = Trainer(tiny_config(tmp_path / "b", *ROUND))
     resumed = resumed_trainer.fit()
-    assert resumed_trainer._offline_masks  # made again on resume, from the checkpointed labeller
+    assert resumed_trainer.offline_masks  # made again on resume, from the checkpointed labeller
     assert full.last_checkpoint is not None and resumed.last_checkpoint is not None
     sa = torch.load(full.last_checkpoint / "state.pt", weights_only=True)["method"]
     sb = torch.load(resumed.last_checkpoint / "state.pt", weights_only=True)["method"]
@@ -150,7 +150,7 @@ def test_round_runs_and_resume_inside_it_matches_an_uninterrupted_run(tmp_path: 
     assert resumed.final_metrics["target_miou"] == pytest.approx(full.final_metrics["target_miou"], abs=1e-6)
 
     # the labels: each tile's whole-tile prediction of the labeller, class ids or 255, never all ignored
-    masks = resumed_trainer._offline_masks
+    masks = resumed_trainer.offline_masks
     tiles = resumed_trainer.data.target_train
     assert sorted(masks) == list(range(len(tiles)))  # type: ignore[arg-type]
     for i, y in masks.items():
@@ -168,7 +168,7 @@ def _rank_worker(rank: int, world: int, port: int, root: str) -> None:
         trainer = Trainer(tiny_config(Path(root), *ROUND))
         trainer.fit()
         state = {f"method.{k}": v for k, v in trainer.method.state_dict().items()}
-        state.update({f"mask.{i}": y for i, y in trainer._offline_masks.items()})
+        state.update({f"mask.{i}": y for i, y in trainer.offline_masks.items()})
         torch.save(state, Path(root) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -196,5 +196,5 @@ def test_two_ranks_label_their_shards_with_the_thresholds_of_all_tiles(tmp_path:
     assert isinstance(single.method, SDCA)
     assert torch.equal(single.method.final_st_thresholds, s0["method.final_st_thresholds"])
     assert torch.equal(single.method.final_st_kept, s0["method.final_st_kept"])
-    for i, y in single._offline_masks.items():
+    for i, y in single.offline_masks.items():
         assert torch.equal(y, (s0 if i % 2 == 0 else s1)[f"mask.{i}"]), i
