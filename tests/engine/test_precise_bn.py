@@ -68,3 +68,19 @@ def test_training_is_unchanged_and_off_means_the_running_averages(tmp_path: Path
     # only the BatchNorm statistics differ (the checkpoints hold the recomputed ones)
     stats_on, stats_off = bn_buffers(trainer_on.method.student), bn_buffers(trainer_off.method.student)
     assert any(not torch.allclose(a, b) for a, b in zip(stats_on, stats_off, strict=True))
+
+
+def test_a_checkpoint_scores_the_same_without_a_trainer(tmp_path: Path) -> None:
+    """`evaluate_checkpoint` (lpcgma evaluate, the source stage's score) builds the method alone and
+    gives exactly the metrics the trainer's evaluator gave the same weights."""
+    from lpcgma.engine.checkpoint import read_checkpoint
+    from lpcgma.engine.evaluator import evaluate_checkpoint
+
+    cfg = tiny(tmp_path, "method.name=self_training", "train.precise_bn_batches=2")
+    result = Trainer(cfg).fit()
+    assert result.last_checkpoint is not None
+    metrics, confusion, _ = evaluate_checkpoint(cfg, read_checkpoint(result.last_checkpoint)["method"])
+    assert confusion is not None and int(confusion.sum()) > 0
+    assert metrics["target_miou"] == result.final_metrics["target_miou"]
+    assert metrics["target_entropy"] == result.final_metrics["target_entropy"]
+    assert metrics["source_miou"] == result.final_metrics["source_miou"]
