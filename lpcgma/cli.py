@@ -68,7 +68,6 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     import yaml
 
-    from lpcgma.config import replace
     from lpcgma.engine.checkpoint import CONFIG_FILE, read_checkpoint
     from lpcgma.engine.evaluator import evaluate_checkpoint
 
@@ -77,7 +76,6 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if not cfg_file.is_file():
         raise ConfigError(f"checkpoint '{ckpt}' has no {CONFIG_FILE} beside it")
     cfg = load_config(cfg_file, args.overrides)
-    cfg = replace(cfg, {"train.resume": False, "model.pretrained": False})
     state = read_checkpoint(ckpt)
     metrics, cm, _ = evaluate_checkpoint(cfg, state["method"])
     print(json.dumps({"step": state["step"], **metrics}, indent=2))

@@ -420,7 +420,6 @@ def evaluate_source_model(cfg: ExperimentConfig, model: SourceModel) -> dict[str
     stored with): the source-only reference a search's trials are compared with."""
     from lpcgma.engine.evaluator import evaluate_checkpoint
 
-    with _caller_rng():
-        stage = replace(stage_config(cfg), {"train.resume": False, "model.pretrained": False})
-        metrics, _, _ = evaluate_checkpoint(stage, read_checkpoint(model.checkpoint)["method"])
+    with _caller_rng():  # building the method draws initial weights
+        metrics, _, _ = evaluate_checkpoint(stage_config(cfg), read_checkpoint(model.checkpoint)["method"])
     return metrics
