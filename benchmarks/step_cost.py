@@ -286,7 +286,7 @@ def refit_cost(trainer: Any, args: argparse.Namespace, cuda: bool) -> dict[str, 
     """Time of one EM refit of the prototypes (median of 3) and its share per step over its interval."""
     import torch
 
-    m = trainer.method.lcfg
+    m = trainer.method.options
     if not (m.use_gmm_forward or m.use_gmm_reverse):
         return {}
     times = []

@@ -48,7 +48,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         search_space="synthetic",
         num_samples=10,
         extra_overrides=("method.name=lpcgma",),
-        smoke_free_overrides=DEMO_OVERRIDES,
+        full_run_overrides=DEMO_OVERRIDES,
     )
 
 

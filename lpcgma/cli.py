@@ -24,14 +24,6 @@ def load_cli_config(config: str | None, overrides: Sequence[str]) -> ExperimentC
     return load_config(resolve_config_path(config) if config else None, overrides)
 
 
-def _tracking_callbacks(cfg: ExperimentConfig) -> list:  # type: ignore[type-arg]
-    if not cfg.tracking.enabled:
-        return []
-    from lpcgma.tracking.runs import MLflowCallback  # imports MLflow: only when tracking is on
-
-    return [MLflowCallback(cfg)]
-
-
 def _source_stage_callbacks(stage: ExperimentConfig) -> list:  # type: ignore[type-arg]
     from lpcgma.tracking.runs import source_stage_callbacks
 
@@ -42,6 +34,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from lpcgma.engine.checkpoint import latest_checkpoint
     from lpcgma.engine.source_stage import ensure_source_model
     from lpcgma.engine.trainer import Trainer
+    from lpcgma.tracking.runs import tracking_callbacks
 
     cfg = load_cli_config(args.config, args.overrides)
     resuming = args.resume_from or (cfg.train.resume and latest_checkpoint(Path(cfg.train.out_dir) / "checkpoints"))
@@ -52,7 +45,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
         model = ensure_source_model(cfg, _source_stage_callbacks, log=say)
         say(f"source model {model.key}: {'trained' if model.trained else 'from the cache'} at {model.uri}")
-    result = Trainer(cfg, _tracking_callbacks(cfg)).fit(args.resume_from)
+    result = Trainer(cfg, tracking_callbacks(cfg)).fit(args.resume_from)
     summary = {
         "step": result.step,
         f"best_{result.selection_metric}": result.best_metric,

@@ -71,9 +71,7 @@ class GaussianPrototypes(nn.Module):
     ) -> None:
         super().__init__()
         if min(num_classes, dim, k, memory_per_class, push_per_class) < 1 or var_floor <= 0:
-            raise ValueError(
-                "num_classes, dim, k, memory_per_class, push_per_class must be ≥ 1 and var_floor > 0"
-            )
+            raise ValueError("num_classes, dim, k, memory_per_class, push_per_class must be ≥ 1 and var_floor > 0")
         self.num_classes, self.dim, self.k = num_classes, dim, k
         self.memory_per_class = memory_per_class
         self.var_floor = var_floor
@@ -148,9 +146,7 @@ class GaussianPrototypes(nn.Module):
     # -------------------------------------------------------------------------------------- fits
     def params(self) -> GMMParams:
         """A snapshot (clones) of the current GMM; safe to use in a loss graph across later updates."""
-        return GMMParams(
-            self.means.clone(), self.variances.clone(), self.log_weights.clone(), self.active.clone()
-        )
+        return GMMParams(self.means.clone(), self.variances.clone(), self.log_weights.clone(), self.active.clone())
 
     def _set_params(self, p: GMMParams) -> None:
         self.means.copy_(p.means)

@@ -149,8 +149,7 @@ def resolve_search_space(name: str | Path) -> Path:
     if packaged is not None:
         return packaged
     raise SearchSpaceError(
-        f"search space '{name}' is neither a file nor a packaged search space; "
-        f"packaged: {packaged_search_spaces()}"
+        f"search space '{name}' is neither a file nor a packaged search space; packaged: {packaged_search_spaces()}"
     )
 
 
@@ -280,9 +279,7 @@ def parse_search_space(
     if base is not None:
         method = base.method.name
     if method not in METHOD_CONFIGS:
-        raise _err(
-            path, "method.name", f"unknown method {method!r}; expected one of {sorted(METHOD_CONFIGS)}"
-        )
+        raise _err(path, "method.name", f"unknown method {method!r}; expected one of {sorted(METHOD_CONFIGS)}")
     if data is None or (isinstance(data, Mapping) and not data):
         raise _err(path, None, "the file is empty: it needs at least one 'dotted.key: {type: ...}' entry")
     if not isinstance(data, Mapping):
@@ -306,9 +303,7 @@ def parse_search_space(
     params: list[Param] = []
     for key, entry in data.items():
         if key not in valid:
-            raise _err(
-                path, key, f"unknown config key for method '{method}'; valid keys: {', '.join(sorted(valid))}"
-            )
+            raise _err(path, key, f"unknown config key for method '{method}'; valid keys: {', '.join(sorted(valid))}")
         params.append(_check_against_config(path, _parse_entry(path, key, entry, types[key]), cfg))
     return SearchSpace(path, tuple(params))
 

@@ -89,9 +89,7 @@ def _find_tile_files(
             image_name, label_name = tile_file_names(dataset, tile, modality, erode)
             # Vaihingen images and full labels share a name: labels are those in a ground-truth folder
             images = [p for p in found.get(image_name, []) if not _is_label_path(p, src_dir)]
-            labels = [
-                p for p in found.get(label_name, []) if _is_label_path(p, src_dir) or image_name != label_name
-            ]
+            labels = [p for p in found.get(label_name, []) if _is_label_path(p, src_dir) or image_name != label_name]
             if not images:
                 missing.append(image_name)
             if not labels:
@@ -120,9 +118,7 @@ def read_tif(path: Path) -> np.ndarray:
         try:
             import tifffile
         except ImportError as e:
-            raise DataError(
-                f"PIL cannot read '{path}' ({pil_error}); `pip install tifffile` to read it"
-            ) from e
+            raise DataError(f"PIL cannot read '{path}' ({pil_error}); `pip install tifffile` to read it") from e
         try:
             arr = np.asarray(tifffile.imread(path))
         except Exception as e:
@@ -189,9 +185,7 @@ def prepare_isprs(
         raise ValueError(f"patch_size and stride must be >= 1, got {patch_size}, {stride}")
     src_dir, root = Path(src_dir), Path(out_dir) / FOLDERS[dataset]
     if not src_dir.is_dir():
-        raise DatasetNotFoundError(
-            f"ISPRS source folder '{src_dir}' does not exist (download from {ISPRS_URL})"
-        )
+        raise DatasetNotFoundError(f"ISPRS source folder '{src_dir}' does not exist (download from {ISPRS_URL})")
     files = _find_tile_files(src_dir, dataset, modality, erode)
     counts: dict[str, int] = {}
     with staging_folder(root) as staging:
@@ -211,9 +205,7 @@ def prepare_isprs(
                     )
                 if ignore_clutter:
                     mask[mask == CLUTTER] = IGNORE_INDEX
-                counts[split] += _write_patches(
-                    image[..., :3], mask, tile, images_dir, masks_dir, patch_size, stride
-                )
+                counts[split] += _write_patches(image[..., :3], mask, tile, images_dir, masks_dir, patch_size, stride)
         meta = {"dataset": dataset, "modality": modality, "patch_size": patch_size, "stride": stride,
                 "ignore_clutter": ignore_clutter, "erode": erode}  # fmt: skip
         install_staged_splits(root, staging, meta)  # every tile was read

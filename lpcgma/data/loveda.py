@@ -131,9 +131,7 @@ class LoveDA(PngPairs):
         masks: bool = True,
     ) -> None:
         if split not in _SPLIT_DIRS or domain not in _DOMAIN_DIRS:
-            raise ValueError(
-                f"LoveDA split={split!r}, domain={domain!r}: expected train|val|test and rural|urban"
-            )
+            raise ValueError(f"LoveDA split={split!r}, domain={domain!r}: expected train|val|test and rural|urban")
         self.root, self.split, self.domain = Path(root), split, domain
         folder = self.root / _SPLIT_DIRS[split] / _DOMAIN_DIRS[domain]
         what = f"LoveDA {split}/{domain}"

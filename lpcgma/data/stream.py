@@ -92,17 +92,11 @@ class TrainStream:
             )
         self.shard = np.arange(rank, len(dataset), world_size)
         if len(self.shard) == 0:
-            raise ValueError(
-                f"rank {rank} of {world_size} has no tiles: the dataset holds only {len(dataset)}"
-            )
+            raise ValueError(f"rank {rank} of {world_size} has no tiles: the dataset holds only {len(dataset)}")
         if sampler is None and rcs_temperature is not None:
-            sampler = RareClassSampler.from_histograms(
-                class_histograms(dataset), rcs_temperature, indices=self.shard
-            )
+            sampler = RareClassSampler.from_histograms(class_histograms(dataset), rcs_temperature, indices=self.shard)
         if sampler is not None and not all(np.all(t % world_size == rank) for t in sampler.tiles):
-            raise ValueError(
-                f"the sampler draws tiles outside rank {rank}'s shard (i % {world_size} == {rank})"
-            )
+            raise ValueError(f"the sampler draws tiles outside rank {rank}'s shard (i % {world_size} == {rank})")
         self.dataset, self.transform, self.sampler = dataset, transform, sampler
         self.batch_size, self.seed, self.rank, self.num_workers = batch_size, seed, rank, num_workers
         self._permutation: tuple[int, np.ndarray] = (-1, self.shard)

@@ -232,9 +232,7 @@ class SyntheticAerial(Dataset[Sample]):
             if value not in choices:
                 raise ValueError(f"SyntheticAerial {key}={value!r}: expected one of {sorted(choices)}")
         if num_tiles < 1 or tile_size < 8:
-            raise ValueError(
-                f"SyntheticAerial needs num_tiles >= 1 and tile_size >= 8, got {num_tiles}, {tile_size}"
-            )
+            raise ValueError(f"SyntheticAerial needs num_tiles >= 1 and tile_size >= 8, got {num_tiles}, {tile_size}")
         if not 0 <= shift <= 1:
             raise ValueError(f"SyntheticAerial shift={shift!r}: expected a strength in [0, 1]")
         self.domain, self.split, self.sensor = domain, split, sensor
@@ -366,12 +364,8 @@ def _band(
     u, v = _rotated(rng, ys, xs, max_angle)
     h, w = ys.shape
     centre = float(v[h // 2, w // 2]) + rng.uniform(-0.35, 0.35) * min(h, w)
-    path = centre + rng.uniform(*amplitude) * np.sin(
-        2 * math.pi * u / rng.uniform(120, 320) + rng.uniform(0, 6.3)
-    )
-    path += rng.uniform(0, amplitude[1] / 3) * np.sin(
-        2 * math.pi * u / rng.uniform(30, 80) + rng.uniform(0, 6.3)
-    )
+    path = centre + rng.uniform(*amplitude) * np.sin(2 * math.pi * u / rng.uniform(120, 320) + rng.uniform(0, 6.3))
+    path += rng.uniform(0, amplitude[1] / 3) * np.sin(2 * math.pi * u / rng.uniform(30, 80) + rng.uniform(0, 6.3))
     return np.abs(v - path) < rng.uniform(*width) / 2  # type: ignore[no-any-return]
 
 
@@ -406,10 +400,7 @@ def _rural_layout(rng: np.random.Generator, h: int, w: int) -> tuple[np.ndarray,
         mask[_band(rng, ys, xs, (3, 5.5), (5, 25))] = ROAD
     # scattered small houses: a few villages plus isolated farms, whose barns can be larger
     area = h * w / 256**2
-    centres = [
-        (rng.uniform(0, h), rng.uniform(0, w), int(rng.integers(4, 14)))
-        for _ in range(rng.poisson(2.0 * area))
-    ]
+    centres = [(rng.uniform(0, h), rng.uniform(0, w), int(rng.integers(4, 14))) for _ in range(rng.poisson(2.0 * area))]
     centres += [(rng.uniform(0, h), rng.uniform(0, w), 1) for _ in range(rng.poisson(6 * area))]
     next_region = gh * gw
     for cy0, cx0, count in centres:
@@ -449,10 +440,7 @@ def _urban_layout(rng: np.random.Generator, h: int, w: int) -> tuple[np.ndarray,
     margin = rng.uniform(1, 6, (nb, 3, 3, 4)).astype(np.float32)[blocks, ku, kv]
     keep = (rng.random((nb, 3, 3)) < 0.85)[blocks, ku, kv]
     inside = (
-        (pu > margin[..., 0])
-        & (pu < lot_u - margin[..., 1])
-        & (pv > margin[..., 2])
-        & (pv < lot_v - margin[..., 3])
+        (pu > margin[..., 0]) & (pu < lot_u - margin[..., 1]) & (pv > margin[..., 2]) & (pv < lot_v - margin[..., 3])
     )
     built = kind[blocks] == _BUILT
     building = built & keep & inside & ~road
@@ -477,9 +465,7 @@ def _texture(rng: np.random.Generator, tex: _Texture, regions: np.ndarray) -> np
     ys, xs = _grid(h, w)  # stripes: one row orientation and phase per region (field)
     n = int(regions.max()) + 1
     angle, phase = rng.uniform(0, math.pi, n)[regions], rng.uniform(0, 2 * math.pi, n)[regions]
-    return np.sin(2 * math.pi * (xs * np.cos(angle) + ys * np.sin(angle)) / tex.scale + phase).astype(
-        np.float32
-    )
+    return np.sin(2 * math.pi * (xs * np.cos(angle) + ys * np.sin(angle)) / tex.scale + phase).astype(np.float32)
 
 
 def _render(

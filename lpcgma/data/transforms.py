@@ -109,7 +109,5 @@ class TrainTransform(_Transform):
 class EvalTransform(_Transform):
     """Normalisation only (whole tiles); `seed` is accepted for a uniform call and ignored."""
 
-    def __init__(
-        self, mean: Sequence[float] = (0.0, 0.0, 0.0), std: Sequence[float] = (1.0, 1.0, 1.0)
-    ) -> None:
+    def __init__(self, mean: Sequence[float] = (0.0, 0.0, 0.0), std: Sequence[float] = (1.0, 1.0, 1.0)) -> None:
         self.pipeline = v2.Compose(_normalise(mean, std))

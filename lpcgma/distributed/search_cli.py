@@ -131,12 +131,12 @@ def experiment_main(
     data_root_env: str | None = None,
     data_root_help: str = "",
     extra_overrides: Sequence[str] = (),
-    smoke_free_overrides: Sequence[str] = (),
+    full_run_overrides: Sequence[str] = (),
 ) -> int:
     """The body of every `experiments/tune_*.py` script: parse → search → optionally promote.
 
     `data_root_env` adds ``--data-root`` (default: that environment variable) → ``data.root``;
-    `smoke_free_overrides` apply only without ``--smoke-test`` (e.g. the demo's trial sizes).
+    `full_run_overrides` apply only without ``--smoke-test`` (e.g. the demo's trial sizes).
     Exit code 0 when the search completed with a best trial.
     """
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -148,7 +148,7 @@ def experiment_main(
     parser.add_argument("--promote", action="store_true", help="register the best trial as the champion model")
     parser.add_argument("overrides", nargs="*", help="dotted base-config overrides, e.g. train.iters=20000")
     args = parser.parse_args(argv)
-    extra = [*extra_overrides, *(() if args.smoke_test else smoke_free_overrides)]
+    extra = [*extra_overrides, *(() if args.smoke_test else full_run_overrides)]
     if getattr(args, "data_root", None):
         extra.append(f"data.root={args.data_root}")
         if is_shards_root(args.data_root):  # packed by `lpcgma data pack`: stream the shards

@@ -20,6 +20,7 @@ from typing import Any
 
 from lpcgma.config import ExperimentConfig, flatten, load_config
 from lpcgma.engine.trainer import Callback, EvalReport, Trainer, TrainResult
+from lpcgma.tracking.runs import tracking_callbacks
 
 ReportFn = Callable[[dict[str, Any], "Path | None"], None]  # (metrics, checkpoint folder or None)
 
@@ -97,17 +98,6 @@ def node_info() -> dict[str, str]:
     return {"node_id": ray.get_runtime_context().get_node_id()} if ray.is_initialized() else {}
 
 
-def tracking_callbacks(
-    cfg: ExperimentConfig, parent_run_id: str | None = None, tags: Mapping[str, str] | None = None
-) -> list[Callback]:
-    """The MLflow callback when ``tracking.enabled`` (it logs from rank 0 only)."""
-    if not cfg.tracking.enabled:
-        return []
-    from lpcgma.tracking.runs import MLflowCallback
-
-    return [MLflowCallback(cfg, parent_run_id=parent_run_id, tags=dict(tags or {}))]
-
-
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train worker function: run the complete Trainer on this worker's rank.
 
@@ -124,7 +114,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
         device = ray.train.torch.get_device()  # this worker's GPU among those visible on the node
         torch.cuda.set_device(device)
-    callbacks = tracking_callbacks(cfg, config.get("tracking_parent_run_id"), config.get("tracking_tags"))
+    callbacks: list[Callback] = [
+        *tracking_callbacks(cfg, config.get("tracking_parent_run_id"), config.get("tracking_tags"))
+    ]
     callbacks.append(RayReportCallback(cfg, report_to_train, extra=node_info()))  # last: see its docstring
     trainer = Trainer(cfg, callbacks, device=device)
     checkpoint = ray.train.get_checkpoint()
@@ -206,6 +198,5 @@ __all__ = [
     "report_to_train",
     "report_to_tune",
     "run_inline",
-    "tracking_callbacks",
     "train_loop_per_worker",
 ]

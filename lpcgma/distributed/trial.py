@@ -71,7 +71,8 @@ def _train_trial(
     """Train one trial's config: inline (single worker) or on a TorchTrainer worker group."""
     import ray.tune
 
-    from lpcgma.distributed.train import fit_distributed, report_to_tune, run_inline, tracking_callbacks
+    from lpcgma.distributed.train import fit_distributed, report_to_tune, run_inline
+    from lpcgma.tracking.runs import tracking_callbacks
 
     if setup.workers_per_trial == 1:
         callbacks = tracking_callbacks(cfg, parent, tags)

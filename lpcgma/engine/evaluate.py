@@ -58,7 +58,7 @@ def rescale_image(image: Tensor, scale: float) -> Tensor:
 
 
 @torch.no_grad()
-def sliding_window_logits(
+def sliding_window_scores(
     predict: Callable[[Tensor], Tensor],
     image: Tensor,
     num_classes: int,
@@ -76,7 +76,7 @@ def sliding_window_logits(
     """
     _, h, w = image.shape
     if scale != 1.0:
-        scores = sliding_window_logits(predict, rescale_image(image, scale), num_classes, window, stride, batch)
+        scores = sliding_window_scores(predict, rescale_image(image, scale), num_classes, window, stride, batch)
         return F.interpolate(scores[None], size=(h, w), mode="bilinear", align_corners=False)[0]
     ph, pw = max(h, window), max(w, window)
     padded = F.pad(image, (0, pw - w, 0, ph - h)) if (ph, pw) != (h, w) else image

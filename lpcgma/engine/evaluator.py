@@ -23,7 +23,7 @@ from lpcgma.config import ExperimentConfig, replace
 from lpcgma.data.build import DomainData, build_datasets
 from lpcgma.data.stream import TrainStream, augmented_stream
 from lpcgma.data.transforms import EvalTransform
-from lpcgma.engine.evaluate import confusion_matrix, metrics_from_confusion, rescale_image, sliding_window_logits
+from lpcgma.engine.evaluate import confusion_matrix, metrics_from_confusion, rescale_image, sliding_window_scores
 from lpcgma.engine.label_free import label_free_metrics, subsample
 from lpcgma.methods import Method, build_method
 from lpcgma.methods.base import pixel_rows
@@ -134,7 +134,7 @@ class Evaluator:
         """Class scores [C, H, W] of one normalised whole tile [3, H, W] by the sliding window
         (softmax scores averaged over the overlapping windows, at the test scale)."""
         t, c = self.cfg.train, len(self.class_names)
-        return sliding_window_logits(
+        return sliding_window_scores(
             lambda x: self.predict(x, net), image.to(self.device), c, t.eval_window, t.eval_stride,
             scale=self.cfg.data.eval_scale,
         )  # fmt: skip

@@ -66,9 +66,7 @@ def sample_anchors(
     c = keep_probs.shape[0]
     flat = labels.reshape(-1)
     valid = (flat >= 0) & (flat < c)
-    p = torch.where(
-        valid, keep_probs.to(flat.device)[flat.clamp(0, c - 1)], torch.zeros((), device=flat.device)
-    )
+    p = torch.where(valid, keep_probs.to(flat.device)[flat.clamp(0, c - 1)], torch.zeros((), device=flat.device))
     u = torch.rand(flat.shape[0], generator=generator, device=flat.device)
     idx = torch.nonzero(u < p).squeeze(1)
     if idx.numel() > max_anchors:

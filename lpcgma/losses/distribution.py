@@ -81,9 +81,7 @@ def pooled_stats_update(
     return combine_pooled_stats(count, mean, var, *batch)
 
 
-def _prepared(
-    feats: Tensor, mean: Tensor, var: Tensor, normalize_stats: bool
-) -> tuple[Tensor, Tensor, Tensor]:
+def _prepared(feats: Tensor, mean: Tensor, var: Tensor, normalize_stats: bool) -> tuple[Tensor, Tensor, Tensor]:
     """a = feats/‖feats‖ (float32 or wider) and the detached, optionally row-normalised μ, σ²."""
     dtype = torch.promote_types(feats.dtype, torch.float32)
     a = F.normalize(feats.to(dtype), dim=1)

@@ -184,18 +184,14 @@ def _kmeans_pp(xc: Tensor, sq: Tensor, vf: Tensor, k: int, generator: torch.Gene
     keys = torch.rand(c, m, generator=generator, device=xc.device, dtype=xc.dtype)
     first = torch.where(vf > 0, keys, torch.full_like(keys, -1.0)).argmax(1)  # [C]
     centres = [xc.gather(1, first[:, None, None].expand(c, 1, d))]
-    d2 = (
-        sq - 2 * torch.bmm(xc, centres[0].transpose(1, 2)).squeeze(2) + sq.gather(1, first[:, None])
-    ).clamp_min(0)
+    d2 = (sq - 2 * torch.bmm(xc, centres[0].transpose(1, 2)).squeeze(2) + sq.gather(1, first[:, None])).clamp_min(0)
     for _ in range(1, k):
         w = d2 * vf
         w = torch.where(w.sum(1, keepdim=True) > 0, w, vf)  # all valid points coincide with a centre
         w = torch.where(w.sum(1, keepdim=True) > 0, w, torch.ones_like(w))  # empty class: anything
         cand = torch.multinomial(w, trials, replacement=True, generator=generator)  # [C, L]
         cx = xc.gather(1, cand[..., None].expand(c, trials, d))  # [C, L, D]
-        dist = (
-            sq[..., None] - 2 * torch.bmm(xc, cx.transpose(1, 2)) + sq.gather(1, cand)[:, None, :]
-        ).clamp_min(0)
+        dist = (sq[..., None] - 2 * torch.bmm(xc, cx.transpose(1, 2)) + sq.gather(1, cand)[:, None, :]).clamp_min(0)
         new_d2 = torch.minimum(d2[..., None], dist)  # [C, M, L]
         best = (new_d2 * vf[..., None]).sum(1).argmin(1)  # [C]
         centres.append(cx.gather(1, best[:, None, None].expand(c, 1, d)))

@@ -27,4 +27,3 @@ def prior_corrected_probs(probs: Tensor, target_prior: Tensor, source_prior: Ten
 def em_prior_step(prior: Tensor, corrected_probs: Tensor, momentum: float) -> Tensor:
     """One online EM step on the target prior: π ← m·π + (1 − m)·mean over pixels of p_t(·|x)."""
     return momentum * prior + (1 - momentum) * corrected_probs.mean(dim=(0, 2, 3)).to(prior.dtype)
-

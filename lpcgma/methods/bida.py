@@ -54,12 +54,13 @@ class BiDA(Method):
         self.register_buffer("bias", torch.zeros(self.num_classes, dim))
 
     @property
-    def bcfg(self) -> BiDAConfig:
+    def options(self) -> BiDAConfig:
+        """This method's own config section (`cfg.method`), typed."""
         assert isinstance(self.cfg.method, BiDAConfig)
         return self.cfg.method
 
     def train_step(self, source: Batch, target: Batch, step: int) -> StepOutput:
-        m = self.bcfg
+        m = self.options
         ce_s, logs, src_out = self.supervised_loss(source, "source")
         tgt_out = self.forward_student(target["image"])
         size = src_out["logits"].shape[-2:]

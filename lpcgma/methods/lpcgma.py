@@ -38,7 +38,7 @@ class LPCGMA(SelfTraining):
     def __init__(self, cfg: ExperimentConfig, class_names: Sequence[str]) -> None:
         super().__init__(cfg, class_names)
         num_classes = self.num_classes
-        m = self.lcfg
+        m = self.options
         self.register_buffer("class_freq", torch.zeros(num_classes))
         self.prototypes = GaussianPrototypes(
             num_classes,
@@ -51,13 +51,14 @@ class LPCGMA(SelfTraining):
         self._last: dict[str, Tensor] = {}  # features of the latest step, for reverse update & diagnostics
 
     @property
-    def lcfg(self) -> LPCGMAConfig:
+    def options(self) -> LPCGMAConfig:
+        """This method's own config section (`cfg.method`), typed."""
         assert isinstance(self.cfg.method, LPCGMAConfig)
         return self.cfg.method
 
     # -------------------------------------------------------------------------------- the step
     def train_step(self, source: Batch, target: Batch, step: int) -> StepOutput:
-        m = self.lcfg
+        m = self.options
         loss, logs, src_out, tp = self.base_step(source, target)
         size = src_out["embed"].shape[-2:]
         y_src = downsample_labels(source["mask"], size).reshape(-1)
@@ -119,7 +120,7 @@ class LPCGMA(SelfTraining):
     @torch.no_grad()
     def after_step(self, step: int) -> None:
         super().after_step(step)
-        m = self.lcfg
+        m = self.options
         if m.use_gmm_reverse and step >= m.gmm_warmup_iters and self.prototypes.is_fitted and self._last:
             self.prototypes.reverse_update(
                 self._last["z_tgt"], self._last["y_tgt"], self._last["q_tgt"], m.rev_threshold, m.rev_momentum
@@ -144,7 +145,7 @@ class LPCGMA(SelfTraining):
 
     def _pmc(self, z_src: Tensor, y_src: Tensor, z_mix: Tensor, y_mix: Tensor, q_mix: Tensor) -> tuple[Tensor, Tensor]:
         """Probability-masked supervised contrast over anchors of both domains."""
-        m = self.lcfg
+        m = self.options
         y_t = torch.where(q_mix >= m.pmc_target_threshold, y_mix, torch.full_like(y_mix, IGNORE_INDEX))
         z = torch.cat([z_src, z_mix])
         y = torch.cat([y_src, y_t])
@@ -158,7 +159,7 @@ class LPCGMA(SelfTraining):
         are a stop-gradient target and only the (mixed) view learns from the term — one backward pass
         less per step.
         """
-        m = self.lcfg
+        m = self.options
         z_weak = pixel_rows(tp.student_out["embed"])
         with torch.set_grad_enabled(m.pix_strong_grad and torch.is_grad_enabled()):
             z_strong = pixel_rows(self.forward_student(strong_view(tp.images, m.pix_irrg_prob))["embed"])
@@ -169,7 +170,7 @@ class LPCGMA(SelfTraining):
     # ----------------------------------------------------------------------------- diagnostics
     @torch.no_grad()
     def diagnostics(self) -> dict[str, float]:
-        m = self.lcfg
+        m = self.options
         out = super().diagnostics()
         keep = anchor_keep_probs(self.class_freq, m.base_rate, m.minority_boost).cpu().tolist()
         for name, p in zip(self.class_names, keep, strict=True):

@@ -54,7 +54,7 @@ class SDCA(Method):
             self.register_buffer(f"{level}_mean", torch.zeros(c, dim))
             self.register_buffer(f"{level}_var", torch.zeros(c, dim))
         self.final_st_labeller: nn.Module | None = None
-        if self.scfg.final_st_iters > 0:  # state only when the round is on: other checkpoints keep their keys
+        if self.options.final_st_iters > 0:  # state only when the round is on: other checkpoints keep their keys
             self.final_st_labeller = copy.deepcopy(self.student).requires_grad_(False)  # no RNG drawn
             self.register_buffer("final_st_started", torch.zeros((), dtype=torch.bool))  # labeller holds the weights
             self.register_buffer("final_st_thresholds", torch.full((c,), math.inf))  # θ_c of the last labelling
@@ -62,7 +62,8 @@ class SDCA(Method):
         self._final_st_labelled = False  # this process made the offline labels (the round's steps need them)
 
     @property
-    def scfg(self) -> SDCAConfig:
+    def options(self) -> SDCAConfig:
+        """This method's own config section (`cfg.method`), typed."""
         assert isinstance(self.cfg.method, SDCAConfig)
         return self.cfg.method
 
@@ -81,7 +82,7 @@ class SDCA(Method):
 
     @torch.no_grad()
     def prepare(self, source_batches: Iterator[Batch], num_source_tiles: int) -> None:
-        m = self.scfg
+        m = self.options
         n = m.sdca_init_batches or max(1, num_source_tiles // self.cfg.data.batch_size)
         self.student.eval()
         for _ in range(n):
@@ -90,7 +91,7 @@ class SDCA(Method):
         self.student.train()
 
     def _terms(self, out: dict[str, Tensor], labels_f: Tensor) -> Tensor:
-        m = self.scfg
+        m = self.options
         y = labels_f.reshape(-1)
         feat = sdca_loss(pixel_rows(out["embed"]), y, self.feat_mean, self.feat_var, m.sdca_tau, m.sdca_normalize_stats)
         logit = sdca_loss(
@@ -99,7 +100,7 @@ class SDCA(Method):
         return m.lambda_feat * feat + m.lambda_logit * logit
 
     def train_step(self, source: Batch, target: Batch, step: int) -> StepOutput:
-        m = self.scfg
+        m = self.options
         start = self.offline_labels_from()
         if start is not None and step >= start:
             return self._final_st_step(source, target)
@@ -118,7 +119,7 @@ class SDCA(Method):
     # ------------------------------------------------------------- final self-training round
     def offline_labels_from(self) -> int | None:
         """The first step of the final self-training round (None: no round)."""
-        n = self.scfg.final_st_iters
+        n = self.options.final_st_iters
         return self.cfg.train.iters - n if n > 0 else None
 
     @torch.no_grad()
@@ -162,7 +163,7 @@ class SDCA(Method):
 
         flat_conf = torch.cat([q.reshape(-1) for q in conf]) if conf else torch.zeros(0, dtype=torch.float16)
         flat_pred = torch.cat([y.reshape(-1) for y in pred]) if pred else torch.zeros(0, dtype=torch.uint8)
-        thresholds = class_median_thresholds(flat_conf, flat_pred, c, self.scfg.final_st_threshold_cap, all_ranks)
+        thresholds = class_median_thresholds(flat_conf, flat_pred, c, self.options.final_st_threshold_cap, all_ranks)
         del flat_conf, flat_pred
         labels = {i: apply_class_thresholds(q, y, thresholds) for i, q, y in zip(names, conf, pred, strict=True)}
         counts = torch.tensor(
@@ -184,7 +185,7 @@ class SDCA(Method):
                 "pseudo-labels served as the target masks: make them first with begin_offline_labelling and "
                 "make_offline_labels (the Trainer does, at step train.iters - method.final_st_iters)"
             )
-        w = self.scfg.final_st_source_weight
+        w = self.options.final_st_source_weight
         logs: dict[str, Tensor] = {}
         loss = torch.zeros((), device=target["image"].device)
         if w > 0:

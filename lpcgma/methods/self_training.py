@@ -46,7 +46,7 @@ class SelfTraining(Method):
 
     def __init__(self, cfg: ExperimentConfig, class_names: Sequence[str]) -> None:
         super().__init__(cfg, class_names)
-        if self.mcfg.pseudo_prior == "em":  # checkpointed: a resumed run continues its estimates
+        if self.options.pseudo_prior == "em":  # checkpointed: a resumed run continues its estimates
             uniform = torch.full((self.num_classes,), 1.0 / self.num_classes)
             self.register_buffer("source_prior", uniform.clone())
             self.register_buffer("target_prior", uniform.clone())
@@ -57,7 +57,7 @@ class SelfTraining(Method):
         """The teacher's class probabilities [B,C,…] for pseudo-labels: as they are, or (``em``)
         moved from the running source prior to the running target prior."""
         probs = teacher_logits.detach().float().softmax(dim=1)
-        if self.mcfg.pseudo_prior != "em":
+        if self.options.pseudo_prior != "em":
             return probs
         return prior_corrected_probs(probs, self.target_prior, self.source_prior)
 
@@ -71,9 +71,9 @@ class SelfTraining(Method):
     def update_priors(self, source_labels: Tensor, target_logits: Tensor) -> None:
         """``em`` only: the source prior follows the running class frequency of the source labels, the
         target prior takes one online EM step on this target batch. Both start from the first source batch."""
-        if self.mcfg.pseudo_prior != "em":
+        if self.options.pseudo_prior != "em":
             return
-        momentum = self.mcfg.prior_momentum
+        momentum = self.options.prior_momentum
         if int(self.prior_steps) == 0:  # both priors start from the first source batch's frequencies
             self.source_prior.copy_(update_class_freq(self.source_prior, source_labels, 0.0))
             self.target_prior.copy_(self.source_prior)
@@ -85,20 +85,21 @@ class SelfTraining(Method):
 
     def diagnostics(self) -> dict[str, float]:
         report = super().diagnostics()
-        if self.mcfg.pseudo_prior == "em":  # the estimates, beside pseudo/true_share when labels exist
+        if self.options.pseudo_prior == "em":  # the estimates, beside pseudo/true_share when labels exist
             for name, p in zip(self.class_names, self.target_prior.tolist(), strict=True):
                 report[f"prior/target/{name}"] = p
         return report
 
     @property
-    def mcfg(self) -> SelfTrainingConfig:
+    def options(self) -> SelfTrainingConfig:
+        """This method's own config section (`cfg.method`), typed."""
         assert isinstance(self.cfg.method, SelfTrainingConfig)
         return self.cfg.method
 
     def target_pass(self, source: Batch, target: Batch) -> tuple[Tensor, dict[str, Tensor], TargetPass]:
         """Teacher pseudo-labels, optional ClassMix, student forward and weighted target CE."""
         assert self.teacher is not None
-        m = self.mcfg
+        m = self.options
         size = target["image"].shape[-2:]
         t_out = self.teacher(target["image"])
         self.update_priors(source["mask"], t_out["logits"])
@@ -123,14 +124,14 @@ class SelfTraining(Method):
     ) -> tuple[Tensor, dict[str, Tensor], dict[str, Tensor], TargetPass]:
         """L_base and its logs, plus the student's source outputs and the target pass."""
         src_loss, logs, src_out = self.supervised_loss(source, "source")
-        if self.mcfg.lambda_st > 0:
+        if self.options.lambda_st > 0:
             st_loss, st_logs, tp = self.target_pass(source, target)
         else:
             with torch.no_grad():
                 st_loss, st_logs, tp = self.target_pass(source, target)
             st_loss = st_loss.detach() * 0
         logs.update(st_logs)
-        return src_loss + self.mcfg.lambda_st * st_loss, logs, src_out, tp
+        return src_loss + self.options.lambda_st * st_loss, logs, src_out, tp
 
     def train_step(self, source: Batch, target: Batch, step: int) -> StepOutput:
         loss, logs, _, _ = self.base_step(source, target)

@@ -397,7 +397,7 @@ class Segmenter:
 
     def predict(self, image: np.ndarray | Tensor, stride: int | None = None) -> np.ndarray:
         """Class ids [H, W] of a whole uint8 RGB tile ([H,W,3] or [3,H,W]) by a sliding window."""
-        from lpcgma.engine.evaluate import sliding_window_logits
+        from lpcgma.engine.evaluate import sliding_window_scores
 
         x = torch.as_tensor(np.array(image, copy=True))
         if x.ndim == 2:
@@ -405,7 +405,7 @@ class Segmenter:
         elif x.shape[-1] in (3, 4) and x.shape[0] not in (3, 4):
             x = x[..., :3].permute(2, 0, 1)
         x = (x[:3].float() - self.mean[:, None, None]) / self.std[:, None, None]
-        logits = sliding_window_logits(
+        logits = sliding_window_scores(
             self.logits, x, len(self.class_names), self.window, stride or self.stride, scale=self.scale
         )
         return logits.argmax(0).numpy().astype(np.uint8)

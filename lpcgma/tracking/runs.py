@@ -32,6 +32,7 @@ import json
 import logging
 import subprocess
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -124,6 +125,16 @@ def run_tags(cfg: ExperimentConfig) -> dict[str, str]:
     if cfg.source_stage.enabled:
         tags[SOURCE_MODEL_TAG] = source_key(cfg)
     return tags
+
+
+def tracking_callbacks(
+    cfg: ExperimentConfig, parent_run_id: str | None = None, tags: Mapping[str, str] | None = None
+) -> list[MLflowCallback]:
+    """The one MLflow callback of a training run when ``tracking.enabled`` (none otherwise): `lpcgma
+    train` and every Ray Train worker build it here (it logs from rank 0 only)."""
+    if not cfg.tracking.enabled:
+        return []
+    return [MLflowCallback(cfg, parent_run_id=parent_run_id, tags=dict(tags or {}))]
 
 
 def source_stage_callbacks(stage: ExperimentConfig) -> list[MLflowCallback]:

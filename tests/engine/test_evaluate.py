@@ -8,7 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lpcgma.engine.evaluate import confusion_matrix, metrics_from_confusion, sliding_window_logits
+from lpcgma.engine.evaluate import confusion_matrix, metrics_from_confusion, sliding_window_scores
 
 
 def _reference_metrics(pred: np.ndarray, gt: np.ndarray, c: int) -> tuple[float, float]:
@@ -59,7 +59,7 @@ def test_sliding_window_covers_tile_and_matches_full_image(h: int, w: int, windo
         return torch.cat([x[:, :1] * k for k in range(3)], dim=1)
 
     image = torch.randn(3, h, w)
-    out = sliding_window_logits(predict, image, 3, window, stride, batch=3)
+    out = sliding_window_scores(predict, image, 3, window, stride, batch=3)
     assert out.shape == (3, h, w)
     torch.testing.assert_close(out, predict(image[None])[0].softmax(0))
 
@@ -74,10 +74,10 @@ def test_test_scale_predicts_the_resized_tile_and_returns_full_size_scores() -> 
 
     image = torch.ones(3, 128, 128)
     image[:, :, :64] = -1.0
-    full = sliding_window_logits(predict, image, 3, 32, 32)
+    full = sliding_window_scores(predict, image, 3, 32, 32)
     windows_at_full_scale = len(seen)
     seen.clear()
-    half = sliding_window_logits(predict, image, 3, 32, 32, scale=0.5)
+    half = sliding_window_scores(predict, image, 3, 32, 32, scale=0.5)
     assert half.shape == full.shape == (3, 128, 128)
     assert windows_at_full_scale == 16 and len(seen) == 4 and set(seen) == {(32, 32)}  # 64×64 after resizing
     # away from the class boundary the prediction is unchanged; the scores still sum to one per pixel
