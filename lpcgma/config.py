@@ -11,18 +11,15 @@ error that lists the keys it does have.
 from __future__ import annotations
 
 import copy
-import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields, is_dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin, get_type_hints
+from typing import Any, Literal, get_type_hints
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A config file, key or value is invalid; the message names it."""
+from lpcgma.config_values import ConfigError, check_value, coerce_value
 
 
 # --------------------------------------------------------------------------------------------- data
@@ -297,44 +294,46 @@ class ExperimentConfig:
 
     def validate(self) -> ExperimentConfig:
         """Check cross-field value constraints; raise ConfigError naming the key."""
-        _check(self.data.crop_size > 0, "data.crop_size", self.data.crop_size, "> 0")
-        _check(self.data.batch_size > 0, "data.batch_size", self.data.batch_size, "> 0")
-        _check(self.data.num_workers >= 0, "data.num_workers", self.data.num_workers, ">= 0")
+        check_value(self.data.crop_size > 0, "data.crop_size", self.data.crop_size, "> 0")
+        check_value(self.data.batch_size > 0, "data.batch_size", self.data.batch_size, "> 0")
+        check_value(self.data.num_workers >= 0, "data.num_workers", self.data.num_workers, ">= 0")
         lo, hi = self.data.scale_range
-        _check(0 < lo <= hi, "data.scale_range", self.data.scale_range, "0 < low <= high")
-        _check(0 < self.data.eval_scale <= 4, "data.eval_scale", self.data.eval_scale, "a factor in (0, 4]")
-        _check(0 <= self.data.synthetic_shift <= 1, "data.synthetic_shift", self.data.synthetic_shift, "in [0, 1]")
-        _check(self.data.rcs_temperature > 0, "data.rcs_temperature", self.data.rcs_temperature, "> 0")
-        _check(self.model.proj_dim > 0, "model.proj_dim", self.model.proj_dim, "> 0")
-        _check(0 <= self.model.ema_momentum < 1, "model.ema_momentum", self.model.ema_momentum, "in [0, 1)")
-        _check(0 < self.model.bn_momentum <= 1, "model.bn_momentum", self.model.bn_momentum, "in (0, 1]")
-        _check(self.optim.lr > 0, "optim.lr", self.optim.lr, "> 0")
-        _check(self.train.iters > 0, "train.iters", self.train.iters, "> 0")
-        _check(self.train.eval_every > 0, "train.eval_every", self.train.eval_every, "> 0")
-        _check(self.train.checkpoint_every > 0, "train.checkpoint_every", self.train.checkpoint_every, "> 0")
-        _check(self.train.eval_stride > 0, "train.eval_stride", self.train.eval_stride, "> 0")
-        _check(self.train.label_free_tiles >= 0, "train.label_free_tiles", self.train.label_free_tiles, ">= 0")
-        _check(0 <= self.train.eval_ema < 1, "train.eval_ema", self.train.eval_ema, "in [0, 1)")
-        _check(self.train.snd_pixels >= 2, "train.snd_pixels", self.train.snd_pixels, ">= 2")
-        _check(self.train.source_eval_tiles >= 0, "train.source_eval_tiles", self.train.source_eval_tiles, ">= 0")
+        check_value(0 < lo <= hi, "data.scale_range", self.data.scale_range, "0 < low <= high")
+        check_value(0 < self.data.eval_scale <= 4, "data.eval_scale", self.data.eval_scale, "a factor in (0, 4]")
+        check_value(0 <= self.data.synthetic_shift <= 1, "data.synthetic_shift", self.data.synthetic_shift, "in [0, 1]")
+        check_value(self.data.rcs_temperature > 0, "data.rcs_temperature", self.data.rcs_temperature, "> 0")
+        check_value(self.model.proj_dim > 0, "model.proj_dim", self.model.proj_dim, "> 0")
+        check_value(0 <= self.model.ema_momentum < 1, "model.ema_momentum", self.model.ema_momentum, "in [0, 1)")
+        check_value(0 < self.model.bn_momentum <= 1, "model.bn_momentum", self.model.bn_momentum, "in (0, 1]")
+        check_value(self.optim.lr > 0, "optim.lr", self.optim.lr, "> 0")
+        check_value(self.train.iters > 0, "train.iters", self.train.iters, "> 0")
+        check_value(self.train.eval_every > 0, "train.eval_every", self.train.eval_every, "> 0")
+        check_value(self.train.checkpoint_every > 0, "train.checkpoint_every", self.train.checkpoint_every, "> 0")
+        check_value(self.train.eval_stride > 0, "train.eval_stride", self.train.eval_stride, "> 0")
+        check_value(self.train.label_free_tiles >= 0, "train.label_free_tiles", self.train.label_free_tiles, ">= 0")
+        check_value(0 <= self.train.eval_ema < 1, "train.eval_ema", self.train.eval_ema, "in [0, 1)")
+        check_value(self.train.snd_pixels >= 2, "train.snd_pixels", self.train.snd_pixels, ">= 2")
+        check_value(self.train.source_eval_tiles >= 0, "train.source_eval_tiles", self.train.source_eval_tiles, ">= 0")
         ss = self.source_stage
-        _check(ss.iters > 0, "source_stage.iters", ss.iters, "> 0")
-        _check(ss.optim.lr > 0, "source_stage.optim.lr", ss.optim.lr, "> 0")
-        _check(ss.projection_contrast >= 0, "source_stage.projection_contrast", ss.projection_contrast, ">= 0")
-        _check(
+        check_value(ss.iters > 0, "source_stage.iters", ss.iters, "> 0")
+        check_value(ss.optim.lr > 0, "source_stage.optim.lr", ss.optim.lr, "> 0")
+        check_value(ss.projection_contrast >= 0, "source_stage.projection_contrast", ss.projection_contrast, ">= 0")
+        check_value(
             not (ss.enabled and self.model.init_checkpoint),
             "model.init_checkpoint",
             self.model.init_checkpoint,
             "empty when source_stage.enabled=true (both give the starting weights: set one)",
         )
-        _check(self.train.precise_bn_batches >= 0, "train.precise_bn_batches", self.train.precise_bn_batches, ">= 0")
-        _check(
+        check_value(
+            self.train.precise_bn_batches >= 0, "train.precise_bn_batches", self.train.precise_bn_batches, ">= 0"
+        )
+        check_value(
             self.data.target_labels or self.method.name != "oracle",
             "method.name",
             self.method.name,
             "a method that reads no target labels when data.target_labels=false (the oracle trains on them)",
         )
-        _check(
+        check_value(
             self.train.eval_stride <= self.train.eval_window,
             "train.eval_stride",
             self.train.eval_stride,
@@ -344,91 +343,31 @@ class ExperimentConfig:
         for f in fields(m):
             value = getattr(m, f.name)
             if f.name.startswith("tau") or f.name.endswith("_tau"):
-                _check(value > 0, f"method.{f.name}", value, "> 0 (a temperature)")
+                check_value(value > 0, f"method.{f.name}", value, "> 0 (a temperature)")
             if "threshold" in f.name or f.name.endswith("momentum"):
-                _check(0 <= value <= 1, f"method.{f.name}", value, "in [0, 1]")
+                check_value(0 <= value <= 1, f"method.{f.name}", value, "in [0, 1]")
             if f.name.startswith("lambda_"):
-                _check(value >= 0, f"method.{f.name}", value, ">= 0")
+                check_value(value >= 0, f"method.{f.name}", value, ">= 0")
         if isinstance(m, SDCAConfig):
-            _check(
+            check_value(
                 0 <= m.final_st_iters < self.train.iters,
                 "method.final_st_iters",
                 m.final_st_iters,
                 f"in [0, train.iters) = [0, {self.train.iters}) (0 = no final self-training round)",
             )
-            _check(m.final_st_source_weight >= 0, "method.final_st_source_weight", m.final_st_source_weight, ">= 0")
+            check_value(
+                m.final_st_source_weight >= 0, "method.final_st_source_weight", m.final_st_source_weight, ">= 0"
+            )
         if isinstance(m, LPCGMAConfig):
-            _check(m.gaussians_per_class >= 1, "method.gaussians_per_class", m.gaussians_per_class, ">= 1")
-            _check(0 < m.base_rate <= 1, "method.base_rate", m.base_rate, "in (0, 1]")
-            _check(m.minority_boost >= 0, "method.minority_boost", m.minority_boost, ">= 0")
-            _check(m.max_anchors >= 2, "method.max_anchors", m.max_anchors, ">= 2")
-            _check(m.gmm_refit_every >= 1, "method.gmm_refit_every", m.gmm_refit_every, ">= 1")
-            _check(m.gmm_var_floor > 0, "method.gmm_var_floor", m.gmm_var_floor, "> 0")
+            check_value(m.gaussians_per_class >= 1, "method.gaussians_per_class", m.gaussians_per_class, ">= 1")
+            check_value(0 < m.base_rate <= 1, "method.base_rate", m.base_rate, "in (0, 1]")
+            check_value(m.minority_boost >= 0, "method.minority_boost", m.minority_boost, ">= 0")
+            check_value(m.max_anchors >= 2, "method.max_anchors", m.max_anchors, ">= 2")
+            check_value(m.gmm_refit_every >= 1, "method.gmm_refit_every", m.gmm_refit_every, ">= 1")
+            check_value(m.gmm_var_floor > 0, "method.gmm_var_floor", m.gmm_var_floor, "> 0")
             for key in ("gmm_memory_per_class", "gmm_push_per_class", "gmm_em_iters"):
-                _check(getattr(m, key) >= 1, f"method.{key}", getattr(m, key), ">= 1")
+                check_value(getattr(m, key) >= 1, f"method.{key}", getattr(m, key), ">= 1")
         return self
-
-
-def _check(ok: bool, key: str, value: Any, expected: str) -> None:
-    if not ok:
-        raise ConfigError(f"config key '{key}' = {value!r} is invalid: expected {expected}")
-
-
-# ------------------------------------------------------------------------------------ conversion
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """Convert a YAML/CLI value to the field type `tp`, or raise ConfigError naming `key`."""
-    origin = get_origin(tp)
-    if origin is Literal:
-        choices = get_args(tp)
-        if value not in choices:
-            raise ConfigError(f"config key '{key}' = {value!r} is invalid: expected one of {list(choices)}")
-        return value
-    if origin is tuple:
-        if isinstance(value, str):
-            try:
-                value = yaml.safe_load(value)
-            except yaml.YAMLError as e:
-                raise ConfigError(f"config key '{key}' = {value!r} is invalid: expected a list ({e})") from e
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"config key '{key}' = {value!r} is invalid: expected a list")
-        args = get_args(tp)
-        if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_coerce(v, args[0], key) for v in value)
-        if len(value) != len(args):
-            raise ConfigError(f"config key '{key}' = {value!r} is invalid: expected {len(args)} values")
-        return tuple(_coerce(v, a, key) for v, a in zip(value, args, strict=True))
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
-            return value.lower() in ("true", "1", "yes")
-        raise ConfigError(f"config key '{key}' = {value!r} is invalid: expected true or false")
-    if tp is int:
-        if isinstance(value, bool):
-            raise ConfigError(f"config key '{key}' = {value!r} is invalid: expected an integer")
-        if isinstance(value, int):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, str) and re.fullmatch(r"[+-]?\d+", value.strip()):
-            return int(value.strip())  # str.strip and int() disagree on what is space (e.g. "0\x1f")
-        raise ConfigError(f"config key '{key}' = {value!r} is invalid: expected an integer")
-    if tp is float:
-        if isinstance(value, bool):
-            raise ConfigError(f"config key '{key}' = {value!r} is invalid: expected a number")
-        if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"config key '{key}' = {value!r} is invalid: expected a number")
-    if tp is str:
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            return str(value)
-        raise ConfigError(f"config key '{key}' = {value!r} is invalid: expected a string")
-    raise ConfigError(f"config key '{key}': unsupported field type {tp!r}")  # pragma: no cover
 
 
 def _build(cls: type, values: Mapping[str, Any], prefix: str) -> Any:
@@ -452,7 +391,7 @@ def _build(cls: type, values: Mapping[str, Any], prefix: str) -> Any:
         elif is_dataclass(tp):
             kwargs[name] = _build(tp, value, key + ".")  # type: ignore[arg-type]
         else:
-            kwargs[name] = _coerce(value, tp, key)
+            kwargs[name] = coerce_value(value, tp, key)
     return cls(**kwargs)
 
 
