@@ -9,7 +9,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "lpcgma"
 # bottom to top, as docs/ARCHITECTURE.md lists them
 LAYERS = [
-    *("config_values", "config", "search_space", "comm", "data", "models", "losses", "prototypes"),
+    *("config_values", "config", "search_space", "comm", "storage", "data", "models", "losses", "prototypes"),
     *("methods", "engine", "tracking", "distributed", "cli"),
 ]
 

@@ -100,7 +100,8 @@ def build_datasets(data_cfg: DataConfig) -> DomainData:
 
 
 def _read_manifest(root: str) -> Manifest:
-    from lpcgma.data.shards import LocationError, read_manifest  # pyarrow only when shards are used
+    from lpcgma.data.shards import read_manifest  # pyarrow only when shards are used
+    from lpcgma.storage import LocationError
 
     try:
         return read_manifest(root)

@@ -37,12 +37,12 @@ from lpcgma.data.shards import (
     SHARD_NAME,
     SHARD_SCHEMA,
     SPLITS,
-    Location,
     Manifest,
     Sample,
     ShardFile,
 )
 from lpcgma.data.synthetic import Domain, SyntheticAerial
+from lpcgma.storage import Location
 
 _RURAL_URBAN: tuple[Domain, ...] = ("rural", "urban")  # the synthetic and LoveDA domains
 

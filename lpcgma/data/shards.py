@@ -25,11 +25,9 @@ import io
 import json
 import os
 import re
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
-from urllib.parse import urlsplit
 
 import numpy as np
 import pyarrow as pa
@@ -46,6 +44,7 @@ from lpcgma.data.classes import IGNORE_INDEX, ClassInfo, family_classes
 from lpcgma.data.errors import DataError, DatasetNotFoundError
 from lpcgma.data.loveda import apply_mask_lut
 from lpcgma.data.synthetic import Split
+from lpcgma.storage import Location
 
 Family = Literal["loveda", "isprs", "synthetic"]
 Sample = dict[str, torch.Tensor | str]
@@ -75,76 +74,6 @@ INDEX_SCHEMA = pa.schema(
         pa.field("row", pa.int64(), nullable=False),
     ]
 )
-
-
-# =================================================================================== locations
-class LocationError(ValueError):
-    """A shards location is neither a local folder nor ``s3://bucket[/prefix]``."""
-
-
-@dataclass(frozen=True)
-class Location:
-    """A shards folder: ``uri`` (absolute local path or ``s3://bucket/prefix``), its path inside the
-    filesystem, and the S3 options (None for a local folder). Plain data: pickles to loader workers,
-    each of which connects on its own (`filesystem`)."""
-
-    uri: str
-    path: str
-    s3: Mapping[str, str] | None = None
-
-    @classmethod
-    def parse(cls, uri: str | Path) -> Location:
-        text = str(uri)
-        if not text.startswith("s3://"):
-            if "://" in text:
-                raise LocationError(
-                    f"shards location {text!r} is invalid: expected a local folder or s3://bucket/prefix"
-                )
-            local = str(Path(text).expanduser().resolve())
-            return cls(local, local)
-        parts = urlsplit(text)
-        if not parts.netloc or "@" in parts.netloc or parts.query or parts.fragment:
-            raise LocationError(
-                f"shards location {text!r} is invalid: expected s3://bucket/prefix (no credentials, query or "
-                "fragment in the URI; credentials come from the AWS environment)"
-            )
-        prefix = parts.path.strip("/")
-        return cls(
-            f"s3://{parts.netloc}/{prefix}".rstrip("/"),
-            f"{parts.netloc}/{prefix}".rstrip("/"),
-            _s3_options(parts.netloc),
-        )
-
-    def filesystem(self) -> pafs.FileSystem:
-        """A new filesystem handle (create one per process: connections must not cross a fork)."""
-        return pafs.LocalFileSystem() if self.s3 is None else pafs.S3FileSystem(**self.s3)
-
-    def join(self, name: str) -> str:
-        """The filesystem path of file `name` in this folder."""
-        return f"{self.path}/{name}"
-
-    def show(self, name: str) -> str:
-        """``uri/name``, for messages."""
-        return f"{self.uri}/{name}"
-
-
-def _s3_options(bucket: str) -> dict[str, str]:
-    """S3FileSystem options: endpoint from $AWS_ENDPOINT_URL_S3 / $AWS_ENDPOINT_URL, region from the
-    environment or (real AWS only) the bucket. Credentials are left to the AWS SDK."""
-    options: dict[str, str] = {}
-    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-    if endpoint:
-        ep = urlsplit(endpoint if "://" in endpoint else f"https://{endpoint}")
-        options |= {"endpoint_override": ep.netloc, "scheme": ep.scheme}
-    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
-    if not region and not endpoint:
-        try:
-            region = pafs.resolve_s3_region(bucket)
-        except OSError:
-            region = None  # left to the SDK; a wrong region then fails on first access, naming the bucket
-    if region:
-        options["region"] = region
-    return options
 
 
 # ==================================================================================== manifest
@@ -512,8 +441,6 @@ __all__ = [
     "FORMAT_VERSION",
     "INDEX_FILE",
     "MANIFEST_FILE",
-    "Location",
-    "LocationError",
     "Manifest",
     "ShardDataset",
     "ShardFile",

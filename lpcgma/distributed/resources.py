@@ -10,7 +10,7 @@ from pathlib import Path
 
 import yaml
 
-from lpcgma.distributed.storage import is_local
+from lpcgma.storage import is_local
 
 DRIVER_RESOURCE = "trial_driver"  # custom resource a multi-worker trial's driver holds instead of a CPU
 BOOTSTRAP_CONFIG = Path("~/ray_bootstrap_config.yaml")  # present on the head of a `ray up` cluster

@@ -71,7 +71,6 @@ from lpcgma.distributed.search_types import (
     TrialSetup,
 )
 from lpcgma.distributed.source_model import obtain_source_model, with_search_store
-from lpcgma.distributed.storage import join_uri, normalise_storage, read_text, write_text
 from lpcgma.distributed.trial import make_trainable
 from lpcgma.distributed.tuner import build_tuner, restore_tuner
 from lpcgma.search_space import (
@@ -81,6 +80,7 @@ from lpcgma.search_space import (
     parse_search_space,
     space_mapping,
 )
+from lpcgma.storage import join_uri, normalise_storage, read_text, write_text
 
 SEARCH_FILE = "lpcgma_search.json"
 SearchStart = Callable[[SearchInfo], str | None]

@@ -12,7 +12,7 @@ from typing import Any
 from lpcgma.config import ExperimentConfig, replace
 from lpcgma.distributed.resources import ResourcePlan
 from lpcgma.distributed.search_types import TrialSetup
-from lpcgma.distributed.storage import is_local, join_uri
+from lpcgma.storage import is_local, join_uri
 from lpcgma.tracking.search import trial_tags
 
 DIVERGED_FILE = "non_finite_loss.txt"  # in a trial's run folder: why it diverged (its retries fail at once)

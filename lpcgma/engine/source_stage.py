@@ -51,8 +51,8 @@ from lpcgma.config import ConfigError, ExperimentConfig, dump_config, flatten, r
 from lpcgma.engine.checkpoint import CONFIG_FILE, STATE_FILE, latest_checkpoint, read_checkpoint, write_checkpoint
 
 if TYPE_CHECKING:
-    from lpcgma.data.shards import Location
     from lpcgma.engine.trainer import Callback
+    from lpcgma.storage import Location
 
 DEFAULT_STORE = "runs/source_models"
 MANIFEST_FILE = "source_model.json"
@@ -182,7 +182,7 @@ def source_key(cfg: ExperimentConfig) -> str:
 
 def store_location(cfg: ExperimentConfig) -> Location:
     """Where `cfg`'s source models live (``source_stage.store``, else `DEFAULT_STORE`)."""
-    from lpcgma.data.shards import Location, LocationError
+    from lpcgma.storage import Location, LocationError
 
     try:
         return Location.parse(cfg.source_stage.store or DEFAULT_STORE)
@@ -227,15 +227,11 @@ def _sha256(path: Path) -> str:
 
 def _read_manifest(location: Location, key: str) -> dict[str, Any] | None:
     """The stored manifest of `key`, or None when it is missing, unreadable or not this key's."""
-    import pyarrow.fs as pafs
-
-    fs = location.filesystem()
-    path = location.join(f"{key}/{MANIFEST_FILE}")
-    if fs.get_file_info(path).type != pafs.FileType.File:
-        return None
     try:
-        with fs.open_input_stream(path) as f:
-            manifest = json.loads(bytes(f.read()).decode())
+        text = location.read_text(f"{key}/{MANIFEST_FILE}")
+        if text is None:
+            return None
+        manifest = json.loads(text)
     except (OSError, ValueError):
         return None
     ok = isinstance(manifest, dict) and manifest.get("key") == key and manifest.get("format_version") == FORMAT_VERSION
@@ -250,7 +246,7 @@ def _local_copy(location: Location, key: str, manifest: dict[str, Any]) -> Path 
     if location.s3 is None:
         folder = Path(location.join(f"{key}/{MODEL_DIR}"))
     else:
-        from lpcgma.data.shards import Location
+        from lpcgma.storage import Location
 
         cache = Location.parse(Path(tempfile.gettempdir()) / "lpcgma-source-models")
         folder = Path(cache.join(f"{key}/{MODEL_DIR}"))

@@ -27,13 +27,13 @@ from lpcgma.data.sampling import class_histograms
 from lpcgma.data.shards import (
     INDEX_FILE,
     MANIFEST_FILE,
-    Location,
     ShardDataset,
     read_manifest,
 )
 from lpcgma.data.stream import TrainStream
 from lpcgma.data.transforms import TrainTransform
 from lpcgma.engine.trainer import Trainer
+from lpcgma.storage import Location
 
 from .fixtures import write_isprs_tiles, write_loveda_split
 
