@@ -96,12 +96,18 @@ class SelfTraining(Method):
         assert isinstance(self.cfg.method, SelfTrainingConfig)
         return self.cfg.method
 
+    @torch.no_grad()
+    def teacher_forward(self, source: Batch, target: Batch) -> dict[str, Tensor]:
+        """The teacher's outputs on the clean target images (a subclass that also needs the teacher on
+        the source runs both here, in one pass)."""
+        assert self.teacher is not None
+        return self.teacher(target["image"])  # type: ignore[no-any-return]
+
     def target_pass(self, source: Batch, target: Batch) -> tuple[Tensor, dict[str, Tensor], TargetPass]:
         """Teacher pseudo-labels, optional ClassMix, student forward and weighted target CE."""
-        assert self.teacher is not None
         m = self.options
         size = target["image"].shape[-2:]
-        t_out = self.teacher(target["image"])
+        t_out = self.teacher_forward(source, target)
         self.update_priors(source["mask"], t_out["logits"])
         pseudo, conf = self.pseudo_labels(upsample_logits(t_out["logits"], size))
         self.record_pseudo_labels(pseudo, conf, target, m.pseudo_threshold)

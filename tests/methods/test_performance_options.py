@@ -52,3 +52,31 @@ def test_amp_dtype_is_checked_and_chosen(tmp_path: Path) -> None:
     trainer = Trainer(cfg)
     assert trainer.evaluator.amp_dtype == torch.float16
     assert not trainer.evaluator.use_amp and not trainer.scaler.is_enabled()  # on a CPU autocast stays off
+
+
+def test_one_teacher_pass_over_target_and_source_changes_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """LPCGMA runs its teacher once over target + source (the Gaussian memory's source features):
+    the losses and the remembered features equal those of two separate teacher passes."""
+    from lpcgma.methods.lpcgma import LPCGMA
+    from lpcgma.methods.self_training import SelfTraining
+
+    calls: list[int] = []
+    fused, fused_losses = first_steps(tmp_path / "fused", steps=3)
+    teacher = fused.method.teacher
+    assert teacher is not None and fused.method._teacher_source_embed is not None
+
+    def separate(self: LPCGMA, source: dict, target: dict) -> dict:  # the code before: target only here
+        self._teacher_source_embed = None
+        calls.append(1)
+        return SelfTraining.teacher_forward(self, source, target)
+
+    monkeypatch.setattr(LPCGMA, "teacher_forward", separate)
+    two_pass, two_pass_losses = first_steps(tmp_path / "separate", steps=3)
+    assert calls == [1, 1, 1]  # the separate path ran (the memory then takes its own source pass)
+    assert fused_losses == pytest.approx(two_pass_losses, rel=1e-5, abs=1e-6)
+    memory, reference = fused.method.prototypes.state_dict(), two_pass.method.prototypes.state_dict()
+    assert memory.keys() == reference.keys() and memory
+    for key, value in memory.items():
+        assert torch.allclose(value.float(), reference[key].float(), rtol=1e-4, atol=1e-5), key
