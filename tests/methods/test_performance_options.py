@@ -80,3 +80,24 @@ def test_one_teacher_pass_over_target_and_source_changes_nothing(
     assert memory.keys() == reference.keys() and memory
     for key, value in memory.items():
         assert torch.allclose(value.float(), reference[key].float(), rtol=1e-4, atol=1e-5), key
+
+
+def test_the_fused_optimiser_of_a_gpu_run_trains_like_the_default_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a GPU the trainer builds the fused AdamW/SGD kernels; run here on the CPU (where fused
+    kernels exist too), they give the default implementation's losses up to rounding."""
+    _, reference = first_steps(tmp_path / "default", steps=3)
+    build = Trainer._build_optimizer
+
+    def fused_build(self: Trainer) -> torch.optim.Optimizer:
+        optimizer = build(self)
+        assert optimizer.defaults["fused"] is False  # the CPU keeps the default implementation
+        for group in optimizer.param_groups:
+            group["fused"] = True
+        return optimizer
+
+    monkeypatch.setattr(Trainer, "_build_optimizer", fused_build)
+    trainer, losses = first_steps(tmp_path / "fused", steps=3)
+    assert all(g["fused"] for g in trainer.optimizer.param_groups)
+    assert losses == pytest.approx(reference, rel=1e-4)
