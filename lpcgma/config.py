@@ -191,6 +191,8 @@ class LPCGMAConfig(SelfTrainingConfig):
     minority_boost: float = 0.5  # α: keep prob p_c = min(1, r·(ν_ref/ν_c)^α); 0 = uniform
     base_rate: float = 0.05  # r: base anchor sampling rate
     max_anchors: int = 4096  # cap on anchors per step (both domains together)
+    static_anchors: bool = False  # max_anchors fixed slots with a validity mask (same sampling law, another
+    # random stream): no host sync and static shapes for CUDA graphs / torch.compile; false: as many as kept
     freq_momentum: float = 0.99  # EMA momentum of the running class frequencies ν_c
     pmc_target_threshold: float = 0.968  # target pixels join PMC when q_t ≥ this
     # pixel contrast between photometric views (PIX)

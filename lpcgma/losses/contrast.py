@@ -52,6 +52,16 @@ def anchor_keep_probs(class_freq: Tensor, base_rate: float, boost: float) -> Ten
     return torch.where(seen, p, torch.ones_like(p))
 
 
+def _keep_draws(labels: Tensor, keep_probs: Tensor, generator: torch.Generator | None) -> Tensor:
+    """One Bernoulli(p_label) draw per pixel of `labels` [N] (ignore-labelled pixels: never kept)."""
+    c = keep_probs.shape[0]
+    flat = labels.reshape(-1)
+    valid = (flat >= 0) & (flat < c)
+    p = torch.where(valid, keep_probs.to(flat.device)[flat.clamp(0, c - 1)], torch.zeros((), device=flat.device))
+    u = torch.rand(flat.shape[0], generator=generator, device=flat.device)
+    return u < p
+
+
 def sample_anchors(
     labels: Tensor,
     keep_probs: Tensor,
@@ -61,18 +71,33 @@ def sample_anchors(
     """Indices (sorted LongTensor) of anchors among `labels` [N]: Bernoulli(p_label) keep, then a
     uniformly random cap at `max_anchors`. Ignore-labelled pixels are never kept.
 
-    This is sampling, not a loss: it returns a data-dependent number of indices (one host sync).
+    This is sampling, not a loss: it returns a data-dependent number of indices (one host sync);
+    `sample_anchor_slots` draws the same way into a fixed number of slots.
     """
-    c = keep_probs.shape[0]
-    flat = labels.reshape(-1)
-    valid = (flat >= 0) & (flat < c)
-    p = torch.where(valid, keep_probs.to(flat.device)[flat.clamp(0, c - 1)], torch.zeros((), device=flat.device))
-    u = torch.rand(flat.shape[0], generator=generator, device=flat.device)
-    idx = torch.nonzero(u < p).squeeze(1)
+    idx = torch.nonzero(_keep_draws(labels, keep_probs, generator)).squeeze(1)
     if idx.numel() > max_anchors:
-        pick = torch.randperm(idx.numel(), generator=generator, device=flat.device)[:max_anchors]
+        pick = torch.randperm(idx.numel(), generator=generator, device=idx.device)[:max_anchors]
         idx = idx[pick].sort().values
     return idx
+
+
+def sample_anchor_slots(
+    labels: Tensor,
+    keep_probs: Tensor,
+    max_anchors: int,
+    generator: torch.Generator | None = None,
+) -> tuple[Tensor, Tensor]:
+    """`sample_anchors` with static shapes: indices [S] and a validity mask [S], S = min(max_anchors, N).
+
+    The kept pixels are drawn as `sample_anchors` draws them (Bernoulli(p_label)); each gets a uniform
+    random key, the rest key −1, and the S largest keys fill the slots: every kept pixel when at most
+    S are kept, otherwise a uniformly random S of them. Slots beyond the kept pixels are invalid. No
+    host sync, so a step that uses it can be captured (CUDA graphs, `torch.compile`).
+    """
+    keep = _keep_draws(labels, keep_probs, generator)
+    key = torch.rand(keep.shape[0], generator=generator, device=keep.device)
+    top = torch.topk(torch.where(keep, key, torch.full_like(key, -1.0)), min(max_anchors, keep.shape[0]))
+    return top.indices, top.values >= 0
 
 
 # ------------------------------------------------------------------------------------- the losses
@@ -134,6 +159,7 @@ def pixel_view_contrast(z_a: Tensor, z_b: Tensor, labels: Tensor, tau: float) ->
 __all__ = [
     "anchor_keep_probs",
     "pixel_view_contrast",
+    "sample_anchor_slots",
     "sample_anchors",
     "supervised_infonce",
     "update_class_freq",

@@ -18,6 +18,7 @@ from lpcgma.config import ExperimentConfig, LPCGMAConfig
 from lpcgma.losses.contrast import (
     anchor_keep_probs,
     pixel_view_contrast,
+    sample_anchor_slots,
     sample_anchors,
     supervised_infonce,
     update_class_freq,
@@ -94,10 +95,10 @@ class LPCGMA(SelfTraining):
             self.class_freq.copy_(comm.all_reduce_mean_(new_freq))
 
         if m.use_pmc and m.lambda_pmc > 0:
-            l_pmc, keep = self._pmc(z_src, y_src, z_mix, y_mix, q_mix)
+            l_pmc, anchors = self._pmc(z_src, y_src, z_mix, y_mix, q_mix)
             loss = loss + m.lambda_pmc * l_pmc
             logs["loss/pmc"] = l_pmc.detach()
-            logs["pmc/anchors"] = torch.full((), float(keep.numel()), device=keep.device)
+            logs["pmc/anchors"] = anchors.float()
         if m.use_pix and m.lambda_pix > 0:
             l_pix = self._pix(tp, y_mix)
             loss = loss + m.lambda_pix * l_pix
@@ -165,13 +166,18 @@ class LPCGMA(SelfTraining):
         return downsample_labels(tp.mix_mask.long(), size).reshape(-1).bool()
 
     def _pmc(self, z_src: Tensor, y_src: Tensor, z_mix: Tensor, y_mix: Tensor, q_mix: Tensor) -> tuple[Tensor, Tensor]:
-        """Probability-masked supervised contrast over anchors of both domains."""
+        """Probability-masked supervised contrast over anchors of both domains, and the number of anchors."""
         m = self.options
         y_t = torch.where(q_mix >= m.pmc_target_threshold, y_mix, torch.full_like(y_mix, IGNORE_INDEX))
         z = torch.cat([z_src, z_mix])
         y = torch.cat([y_src, y_t])
-        keep = sample_anchors(y, anchor_keep_probs(self.class_freq, m.base_rate, m.minority_boost), m.max_anchors)
-        return supervised_infonce(z[keep], y[keep], m.tau_pmc), keep
+        keep_probs = anchor_keep_probs(self.class_freq, m.base_rate, m.minority_boost)
+        if m.static_anchors:
+            slots, valid = sample_anchor_slots(y, keep_probs, m.max_anchors)
+            y_slots = torch.where(valid, y[slots], torch.full_like(y[slots], IGNORE_INDEX))  # invalid: no part
+            return supervised_infonce(z[slots], y_slots, m.tau_pmc), valid.sum()
+        keep = sample_anchors(y, keep_probs, m.max_anchors)
+        return supervised_infonce(z[keep], y[keep], m.tau_pmc), torch.full((), keep.numel(), device=z.device)
 
     def _pix(self, tp: TargetPass, y_mix: Tensor) -> Tensor:
         """Pixel contrast between the student's (mixed) target view and a strong photometric view.

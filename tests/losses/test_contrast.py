@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from lpcgma.losses.contrast import (
     anchor_keep_probs,
     pixel_view_contrast,
+    sample_anchor_slots,
     sample_anchors,
     supervised_infonce,
     update_class_freq,
@@ -75,6 +76,47 @@ def test_sample_anchors_keeps_valid_pixels_and_respects_the_cap() -> None:
     capped = sample_anchors(labels, torch.ones(3), max_anchors=4, generator=g)
     assert capped.numel() == 4 and set(capped.tolist()) <= {0, 1, 3, 4, 5, 7}
     assert capped.unique().numel() == 4 and torch.equal(capped, capped.sort().values)
+
+
+def test_anchor_slots_have_a_static_shape_and_hold_exactly_the_kept_pixels_under_the_cap() -> None:
+    labels = torch.randint(0, 4, (300,))
+    labels[::7] = 255
+    probs = torch.tensor([0.1, 0.9, 0.3, 0.5])
+    for seed in range(5):
+        kept = sample_anchors(labels, probs, max_anchors=1000, generator=torch.Generator().manual_seed(seed))
+        slots, valid = sample_anchor_slots(labels, probs, 1000, generator=torch.Generator().manual_seed(seed))
+        assert slots.shape == valid.shape == (300,)  # min(max_anchors, N), whatever was kept
+        assert sorted(slots[valid].tolist()) == kept.tolist()  # the same draws: the same anchors
+        assert (labels[slots[valid]] != 255).all()
+    slots, valid = sample_anchor_slots(labels, torch.zeros(4), 64)
+    assert slots.shape == (64,) and not valid.any()  # nothing kept: every slot invalid
+
+
+def test_anchor_slots_over_the_cap_are_a_uniform_subset_of_the_kept_pixels() -> None:
+    labels = torch.zeros(40, dtype=torch.long)
+    labels[30:] = 255  # never kept
+    g = torch.Generator().manual_seed(0)
+    counts = torch.zeros(40)
+    draws = 2000
+    for _ in range(draws):
+        slots, valid = sample_anchor_slots(labels, torch.ones(1), 10, generator=g)
+        assert slots.shape == (10,) and valid.all()  # 30 kept > 10 slots: all full
+        counts[slots] += 1
+    assert counts[30:].sum() == 0
+    rate = counts[:30] / draws  # each kept pixel in a slot with probability 10/30
+    assert torch.allclose(rate, torch.full((30,), 1 / 3), atol=0.05), rate
+
+
+def test_the_contrast_over_anchor_slots_equals_the_contrast_over_the_kept_anchors() -> None:
+    torch.manual_seed(0)
+    z = F.normalize(torch.randn(120, 8), dim=1)
+    labels = torch.randint(0, 3, (120,))
+    probs = torch.tensor([0.5, 0.2, 0.8])
+    kept = sample_anchors(labels, probs, 500, generator=torch.Generator().manual_seed(3))
+    slots, valid = sample_anchor_slots(labels, probs, 500, generator=torch.Generator().manual_seed(3))
+    y_slots = torch.where(valid, labels[slots], torch.full_like(labels[slots], 255))  # as LPCGMA feeds them
+    reference = supervised_infonce(z[kept], labels[kept], 0.1)
+    assert supervised_infonce(z[slots], y_slots, 0.1) == pytest.approx(float(reference), rel=1e-5)
 
 
 def test_sample_anchors_keep_rate_follows_the_probabilities() -> None:

@@ -3,6 +3,7 @@ step runs, not what it computes."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -101,3 +102,13 @@ def test_the_fused_optimiser_of_a_gpu_run_trains_like_the_default_one(
     trainer, losses = first_steps(tmp_path / "fused", steps=3)
     assert all(g["fused"] for g in trainer.optimizer.param_groups)
     assert losses == pytest.approx(reference, rel=1e-4)
+
+
+def test_static_anchor_slots_train_with_every_term(tmp_path: Path) -> None:
+    """`method.static_anchors=true` (fixed anchor slots, no host sync) trains with finite losses and
+    logs how many slots held an anchor."""
+    trainer, losses = first_steps(tmp_path, "method.static_anchors=true", steps=2)
+    assert all(math.isfinite(x) for x in losses)
+    src, tgt = trainer.streams()
+    logs = trainer.run_step(next(src), next(tgt))
+    assert 0 < float(logs["pmc/anchors"]) <= trainer.method.options.max_anchors
