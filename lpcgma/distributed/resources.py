@@ -39,12 +39,14 @@ class ResourcePlan:
     trial_resources: dict[str, float]  # what the Tune trial itself requests
     worker_slots: int  # workers of the requested shape that fit the cluster
     notes: tuple[str, ...] = ()
+    source_stage_cpus: float = 1.0  # CPUs of the Ray task that trains the shared source model
 
     def describe(self) -> str:
         kind = "inline (no worker group)" if self.inline else "TorchTrainer worker group"
         lines = [
             f"trials: {kind}; trial requests {self.trial_resources}; "
-            f"{self.worker_slots} worker slot(s) → max {self.max_concurrent} concurrent trial(s)"
+            f"{self.worker_slots} worker slot(s) → max {self.max_concurrent} concurrent trial(s); "
+            f"a source stage gets {_fmt(self.source_stage_cpus)} CPU(s)"
         ]
         return "\n".join(lines + list(self.notes))
 
@@ -130,7 +132,10 @@ def plan_resources(
         if max_concurrent > fits:
             notes.append(f"--max-concurrent {max_concurrent} lowered to {fits}: more would only wait for resources")
         fits = min(fits, max_concurrent)
-    return ResourcePlan(fits, inline, trial_resources, worker_slots, tuple(notes))
+    # the source stage runs alone, before any trial: on GPU workers with one worker's shape (its GPU does
+    # the work), on CPUs with the largest node's CPUs (as `lpcgma train` would use that machine)
+    source_cpus = c if g > 0 else max(c, biggest_cpu)
+    return ResourcePlan(fits, inline, trial_resources, worker_slots, tuple(notes), source_cpus)
 
 
 def _nodes_text(nodes: Sequence[NodeShape]) -> str:

@@ -314,7 +314,7 @@ def _search_on_ray(
     if on_search_start is not None:
         parent = on_search_start(info) or parent
     info.parent_run_id = parent
-    source_model = obtain_source_model(base, settings.cpus_per_worker, settings.gpus_per_worker, parent)
+    source_model = obtain_source_model(base, plan.source_stage_cpus, settings.gpus_per_worker, parent)
     setup = TrialSetup(
         base=config_to_payload(base),
         searched=tuple(space.keys),

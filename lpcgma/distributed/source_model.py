@@ -1,7 +1,8 @@
 """A search's shared source model (`lpcgma.engine.source_stage`), obtained once by the Tune driver.
 
-Before any trial starts, the driver asks a Ray task with one trial worker's resources (so on a
-cluster it runs on a GPU worker, not the CPU-only head) for the source model: trained into the
+Before any trial starts, the driver asks a Ray task for the source model, with one trial worker's
+resources on a GPU cluster (so it runs on a GPU worker, not the CPU-only head) and the largest node's
+CPUs on a CPU-only one (it runs alone, so it trains as `lpcgma train` would on that machine): trained into the
 store when missing, read otherwise, then evaluated on the search's own target. The task links it to
 the search's MLflow parent run; every trial then finds it in the store (a cache hit) and starts
 from it. Unless ``source_stage.store`` is set, the store is ``<storage>/source_models`` — beside the
@@ -28,6 +29,12 @@ def _obtain(payload: dict[str, Any], parent_run_id: str | None) -> dict[str, Any
     from lpcgma.engine.source_stage import ensure_source_model, evaluate_source_model
 
     cfg = config_from_payload(payload)
+    import ray
+    import torch
+
+    cpus = ray.get_runtime_context().get_assigned_resources().get("CPU")
+    if cpus:  # one torch thread per CPU the task holds (Ray's worker default may be fewer)
+        torch.set_num_threads(max(1, int(cpus)))
     callbacks = None
     if cfg.tracking.enabled:
         from lpcgma.tracking.runs import source_stage_callbacks
@@ -50,8 +57,8 @@ def _obtain(payload: dict[str, Any], parent_run_id: str | None) -> dict[str, Any
 def obtain_source_model(
     base: ExperimentConfig, cpus: float, gpus: float, parent_run_id: str | None = None
 ) -> dict[str, Any] | None:
-    """Run `_obtain` as a Ray task with `cpus` / `gpus` (one trial worker's resources); None when the
-    source stage is off. Returns {key, uri, trained, metrics}."""
+    """Run `_obtain` as a Ray task with `cpus` / `gpus` (`ResourcePlan.source_stage_cpus`, one worker's
+    GPUs); None when the source stage is off. Returns {key, uri, trained, metrics}."""
     if not base.source_stage.enabled:
         return None
     import ray

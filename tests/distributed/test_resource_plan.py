@@ -40,6 +40,13 @@ def test_single_worker_trials_run_inline_and_fill_the_cpus() -> None:
     assert plan.trial_resources == {"cpu": 1, "gpu": 0}  # the trial itself holds the worker's CPU
 
 
+def test_the_source_stage_gets_a_whole_cpu_node_or_one_gpu_worker() -> None:
+    nodes = [NodeShape(2, 0, 0, "head"), NodeShape(8, 0, 0, "big"), NodeShape(8, 2, 0, "gpu")]
+    assert plan_resources(nodes, 1, cpus_per_worker=1).source_stage_cpus == 8  # alone before the trials
+    assert plan_resources(nodes, 1, cpus_per_worker=4, gpus_per_worker=1).source_stage_cpus == 4  # a worker
+    assert "source stage gets 2 CPU" in plan_resources(TWO_CPUS, 1, 1).describe()
+
+
 def test_multi_worker_trials_hold_a_driver_slot_not_a_cpu() -> None:
     plan = plan_resources(TWO_CPUS, workers_per_trial=2, cpus_per_worker=1)
     assert not plan.inline and plan.max_concurrent == 1
