@@ -39,7 +39,8 @@ class ResourcePlan:
     trial_resources: dict[str, float]  # what the Tune trial itself requests
     worker_slots: int  # workers of the requested shape that fit the cluster
     notes: tuple[str, ...] = ()
-    source_stage_cpus: float = 1.0  # CPUs of the Ray task that trains the shared source model
+    source_stage_cpus: float = 1.0  # CPUs of the task that trains the shared source model: one worker's
+    # on GPU clusters (its GPU does the work), the largest node's on CPU-only ones (as `lpcgma train` there)
 
     def describe(self) -> str:
         kind = "inline (no worker group)" if self.inline else "TorchTrainer worker group"
@@ -132,9 +133,7 @@ def plan_resources(
         if max_concurrent > fits:
             notes.append(f"--max-concurrent {max_concurrent} lowered to {fits}: more would only wait for resources")
         fits = min(fits, max_concurrent)
-    # the source stage runs alone, before any trial: on GPU workers with one worker's shape (its GPU does
-    # the work), on CPUs with the largest node's CPUs (as `lpcgma train` would use that machine)
-    source_cpus = c if g > 0 else max(c, biggest_cpu)
+    source_cpus = c if g > 0 else max(c, biggest_cpu)  # it runs alone, before any trial: a whole CPU node
     return ResourcePlan(fits, inline, trial_resources, worker_slots, tuple(notes), source_cpus)
 
 
