@@ -115,9 +115,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         device = ray.train.torch.get_device()  # this worker's GPU among those visible on the node
         torch.cuda.set_device(device)
     callbacks: list[Callback] = [
-        *tracking_callbacks(cfg, config.get("tracking_parent_run_id"), config.get("tracking_tags"))
+        *tracking_callbacks(cfg, config.get("tracking_parent_run_id"), config.get("tracking_tags")),
+        RayReportCallback(cfg, report_to_train, extra=node_info()),  # last: see its docstring
     ]
-    callbacks.append(RayReportCallback(cfg, report_to_train, extra=node_info()))  # last: see its docstring
     trainer = Trainer(cfg, callbacks, device=device)
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:

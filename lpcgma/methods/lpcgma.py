@@ -50,7 +50,6 @@ class LPCGMA(SelfTraining):
             push_per_class=m.gmm_push_per_class,
         )
         self._last: dict[str, Tensor] = {}  # features of the latest step, for reverse update & diagnostics
-        self._teacher_source_embed: Tensor | None = None  # this step's teacher embeddings of the source
 
     @property
     def options(self) -> LPCGMAConfig:
@@ -62,9 +61,8 @@ class LPCGMA(SelfTraining):
     def teacher_forward(self, source: Batch, target: Batch) -> dict[str, Tensor]:
         """The teacher on the clean target and, when the Gaussian memory takes teacher features of the
         source, on the source too: one forward over both batches (exact, the teacher runs in eval
-        mode: no batch statistics), whose source embeddings wait in `_teacher_source_embed`."""
+        mode: no batch statistics), the source embeddings returned as ``source_embed``."""
         m = self.options
-        self._teacher_source_embed = None
         memory_from_teacher = (m.use_gmm_forward or m.use_gmm_reverse) and m.gmm_memory_features == "teacher"
         x_tgt, x_src = target["image"], source["image"]
         if not memory_from_teacher or x_tgt.shape[1:] != x_src.shape[1:]:
@@ -72,8 +70,7 @@ class LPCGMA(SelfTraining):
         assert self.teacher is not None
         both = self.teacher(torch.cat([x_tgt, x_src]))
         n = x_tgt.shape[0]
-        self._teacher_source_embed = both["embed"][n:]
-        return {k: v[:n] for k, v in both.items()}
+        return {**{k: v[:n] for k, v in both.items()}, "source_embed": both["embed"][n:]}
 
     # -------------------------------------------------------------------------------- the step
     def train_step(self, source: Batch, target: Batch, step: int) -> StepOutput:
@@ -108,7 +105,7 @@ class LPCGMA(SelfTraining):
         if gmm_on:
             if m.gmm_memory_features == "teacher":
                 with torch.no_grad():
-                    embed = self._teacher_source_embed
+                    embed = tp.teacher_out.get("source_embed")
                     if embed is None:  # source and target crops of different sizes: a pass of its own
                         embed = self.teacher(source["image"])["embed"]  # type: ignore[misc]
                     z_memory = pixel_rows(embed)

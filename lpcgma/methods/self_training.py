@@ -27,7 +27,7 @@ from lpcgma.models import upsample_logits
 class TargetPass:
     """What one self-training step computed on the target side (reused by subclasses)."""
 
-    teacher_out: dict[str, Tensor]  # teacher outputs on the clean target
+    teacher_out: dict[str, Tensor]  # teacher outputs on the clean target (+ LPCGMA: source_embed)
     pseudo: Tensor  # ŷ_t at input resolution [B,H,W]
     confidence: Tensor  # q_t [B,H,W]
     images: Tensor  # the (mixed) target images the student saw [B,3,H,W]
