@@ -84,8 +84,9 @@ def cmd_data_synth(args: argparse.Namespace) -> int:
     if not 0 <= args.shift <= 1:
         raise ConfigError(f"--shift = {args.shift} is invalid: expected a strength in [0, 1]")
     write_synthetic_loveda(
-        Path(args.root), args.tiles, args.tile_size, args.seed, args.sensor, args.shift, args.palette, args.layouts
-    )
+        Path(args.root), args.tiles, args.tile_size, args.seed, args.sensor, args.shift, args.palette, args.layouts,
+        args.textures,
+    )  # fmt: skip
     print(f"wrote the synthetic benchmark in the LoveDA layout under {args.root}")
     return 0
 
@@ -288,6 +289,8 @@ def _add_data_commands(sub: Subcommands) -> None:
     p.add_argument("--palette", choices=["own", "source"], default="own", help="Urban's materials: its own or Rural's")
     layouts_help = "Urban's layouts: shifted with --shift, or Rural's"
     p.add_argument("--layouts", choices=["shifted", "source"], default="shifted", help=layouts_help)
+    textures_help = "Urban's textures: its own, or none that imitates another Rural class's"
+    p.add_argument("--textures", choices=["own", "distinct"], default="own", help=textures_help)
     p.set_defaults(func=cmd_data_synth)
     p = data.add_parser("prepare-isprs", help="cut official ISPRS Potsdam/Vaihingen tiles into patches")
     p.add_argument("--src", required=True, help="folder holding the official archives' extracted tiles")

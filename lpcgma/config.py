@@ -56,6 +56,9 @@ class DataConfig:
     # the target's layouts: "shifted" (a tile has the urban layout with probability synthetic_shift, else
     # a rural one) or "source" (rural layouts at any strength: the shift is the look alone)
     synthetic_target_layouts: Literal["shifted", "source"] = "shifted"
+    # the target's textures: "own" (two urban classes in textures a source model reads as barren's) or
+    # "distinct" (those two rendered so that no target class takes another source class's texture)
+    synthetic_target_textures: Literal["own", "distinct"] = "own"
     # ISPRS only
     isprs_modality: Literal["rgb", "irrg"] = "irrg"  # Potsdam input bands
     isprs_ignore_clutter: bool = False  # True: clutter → ignore (5-class protocol)

@@ -93,3 +93,22 @@ def test_missing_dataset_names_the_folder(tmp_path: Path, capsys: pytest.Capture
     assert code == 2
     err = capsys.readouterr().err
     assert "nowhere" in err and "LoveDA" in err
+
+
+def test_data_synth_writes_the_benchmark_with_the_target_keys(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`lpcgma data synth` writes the tiles `SyntheticAerial` renders for the same target settings."""
+    from lpcgma.data.loveda import LoveDA
+    from lpcgma.data.synthetic import SyntheticAerial
+
+    args = ["data", "synth", "--root", str(tmp_path), "--tiles", "2", "--tile-size", "32", "--seed", "3",
+            "--sensor", "rgb", "--shift", "0.8", "--palette", "source", "--layouts", "source",
+            "--textures", "distinct"]  # fmt: skip
+    assert main(args) == 0 and "LoveDA layout" in capsys.readouterr().out
+    ref = SyntheticAerial("urban", "val", 2, 32, 3, "rgb", 0.8, "rural", "source", "source", textures="distinct")
+    loaded = LoveDA(tmp_path, "val", "urban")
+    assert all(bool((loaded[i]["image"] == ref[i]["image"]).all()) for i in range(2))
+    with pytest.raises(SystemExit) as bad:
+        main([*args[:-1], "velvet"])
+    assert bad.value.code == 2 and "--textures" in capsys.readouterr().err

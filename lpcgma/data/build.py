@@ -174,8 +174,10 @@ def _open(
             return SyntheticAerial(domain, split, n, size, seed, "rgb")
         source: Any = c.source_domain  # validated by the caller
         sensor, strength, palette = c.synthetic_target_sensor, c.synthetic_shift, c.synthetic_target_palette
-        layouts = c.synthetic_target_layouts
-        return SyntheticAerial(domain, split, n, size, seed, sensor, strength, source, palette, layouts)
+        layouts, textures = c.synthetic_target_layouts, c.synthetic_target_textures
+        return SyntheticAerial(
+            domain, split, n, size, seed, sensor, strength, source, palette, layouts, textures=textures
+        )  # fmt: skip
     base, _, shift = str(domain).partition("_")  # LoveDA's *_irrg domains (validated by the caller)
     tiles: RawDataset
     meta: dict[str, Any] = {}  # ISPRS: the prepare_isprs arguments

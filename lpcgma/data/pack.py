@@ -64,6 +64,7 @@ def _source_parts(data: DataConfig) -> list[_Part]:
             shift = data.synthetic_shift if domain == "urban" else 1.0
             palette = data.synthetic_target_palette if domain == "urban" else "own"
             layouts = data.synthetic_target_layouts if domain == "urban" else "shifted"
+            textures = data.synthetic_target_textures if domain == "urban" else "own"
             meta = {
                 "tiles": data.synthetic_tiles,
                 "tile_size": data.synthetic_tile_size,
@@ -72,10 +73,13 @@ def _source_parts(data: DataConfig) -> list[_Part]:
                 "shift": shift,
                 "palette": palette,
                 "layouts": layouts,
+                "textures": textures,
             }
             for split in SPLITS:
                 n, size, seed = data.synthetic_tiles, data.synthetic_tile_size, data.synthetic_seed
-                ds = SyntheticAerial(domain, split, n, size, seed, sensor, shift, "rural", palette, layouts)
+                ds = SyntheticAerial(
+                    domain, split, n, size, seed, sensor, shift, "rural", palette, layouts, textures=textures
+                )  # fmt: skip
                 out.append(_Part(domain, split, ds, meta))
         return out
     if not data.root:

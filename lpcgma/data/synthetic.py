@@ -29,6 +29,15 @@ So are the layouts. With ``layouts="shifted"`` (the default) each tile takes its
 with probability s, as above. With ``layouts="source"`` every tile takes `shift_from`'s layout at any
 s: the shift is the look alone (the appearance shift of synthetic-to-real and cross-city benchmarks,
 where the scene grammar stays and the radiometry, textures and shadows change).
+
+And so are the textures. With ``textures="own"`` (the default) each urban class has its own texture.
+Two of them are what a source-trained network reads as rural barren's fine speckle: agriculture's
+narrow rows (period 3 px) and the yards' speckle (background). From the look-only task's source model
+62 % of the target's agriculture pixels are predicted barren, and 86 % of those it is confident about
+(RESULTS.md, session 16): a class in another class's texture, the textural twin of the palette's
+aliasing. ``textures="distinct"`` renders those two classes with textures that stay nearer their own
+(rows of period 6, paving patches of noise scale 6): the textures still shift, but no target class takes
+another source class's.
 """
 
 from __future__ import annotations
@@ -51,6 +60,7 @@ Split = Literal["train", "val", "test"]
 Sensor = Literal["rgb", "irrg"]
 Palette = Literal["own", "source"]
 Layouts = Literal["shifted", "source"]
+Textures = Literal["own", "distinct"]
 Sample = dict[str, torch.Tensor | str]
 
 BACKGROUND, BUILDING, ROAD, WATER, BARREN, FOREST, AGRICULTURE = range(7)
@@ -155,6 +165,19 @@ _STYLES: dict[str, _Style] = {
     ),
 }
 
+# textures="distinct": the urban classes whose own texture imitates a rural class's (module doc)
+_DISTINCT_TEXTURES: dict[str, dict[int, _Texture]] = {
+    "urban": {BACKGROUND: _Texture("noise", 6, 0.10), AGRICULTURE: _Texture("stripes", 6, 0.28)},
+}
+
+
+def with_distinct_textures(style: _Style, domain: Domain) -> _Style:
+    """`style` with `domain`'s distinct textures (`_DISTINCT_TEXTURES`) in place of its own."""
+    replaced = _DISTINCT_TEXTURES.get(domain, {})
+    textures = tuple((replaced[c],) if c in replaced else t for c, t in enumerate(style.textures))
+    return dataclasses.replace(style, textures=textures)
+
+
 # Rural field classes (background, building, road, water, barren, forest, agriculture).
 _RURAL_FIELD_P = (0.15, 0.0, 0.0, 0.02, 0.06, 0.17, 0.60)
 # Urban block types (built, park, barren, water, farmed, plaza) and the class filling each; built
@@ -220,6 +243,8 @@ class SyntheticAerial(Dataset[Sample]):
         shift_from: Domain | None = None,
         palette: Palette = "own",
         layouts: Layouts = "shifted",
+        *,
+        textures: Textures = "own",
     ) -> None:
         for key, value, choices in (
             ("domain", domain, _DOMAIN_IDS),
@@ -228,6 +253,7 @@ class SyntheticAerial(Dataset[Sample]):
             ("sensor", sensor, _SENSOR_BANDS),
             ("palette", palette, {"own": 0, "source": 1}),
             ("layouts", layouts, {"shifted": 0, "source": 1}),
+            ("textures", textures, {"own": 0, "distinct": 1}),
         ):
             if value not in choices:
                 raise ValueError(f"SyntheticAerial {key}={value!r}: expected one of {sorted(choices)}")
@@ -241,6 +267,7 @@ class SyntheticAerial(Dataset[Sample]):
             if value == "source" and shift_from is None:
                 raise ValueError(f"SyntheticAerial {key}='source' needs shift_from: whose {key} to take")
         self.shift, self.shift_from, self.palette, self.layouts = shift, shift_from, palette, layouts
+        self.textures = textures
         self._cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
     def __len__(self) -> int:
@@ -253,6 +280,8 @@ class SyntheticAerial(Dataset[Sample]):
         if self.palette == "source":
             assert self.shift_from is not None
             own_style = with_palette(own_style, _STYLES[self.shift_from])
+        if self.textures == "distinct":
+            own_style = with_distinct_textures(own_style, self.domain)
         source = self.shift_from
         if source is None or source == self.domain or (self.shift == 1 and self.layouts == "shifted"):
             return generate_tile(np.random.default_rng(key), self.domain, self.tile_size, self.sensor, own_style)
@@ -295,20 +324,25 @@ def write_synthetic_loveda(
     shift: float = 1.0,
     palette: Palette = "own",
     layouts: Layouts = "shifted",
+    textures: Textures = "own",
 ) -> Path:
     """Write the synthetic benchmark in the official LoveDA layout under `root`; return `root`.
 
     ``{Train,Val,Test}/{Rural,Urban}/images_png/<id>.png`` with raw masks in ``masks_png`` (class + 1,
     0 = no-data; none for Test, as in LoveDA). Ids count up across splits and domains. `sensor` is
     the Urban (target) domain's sensor, `shift` its shift strength from Rural, `palette` whose
-    materials and `layouts` whose layouts it has (module doc); Rural tiles are RGB.
+    materials, `layouts` whose layouts and `textures` which textures it has (module doc); Rural tiles
+    are RGB.
     """
     root = Path(root)
     next_id = 0
     for split in ("train", "val", "test"):
         for domain in ("rural", "urban"):
             ds = (
-                SyntheticAerial(domain, split, num_tiles, tile_size, seed, sensor, shift, "rural", palette, layouts)
+                SyntheticAerial(
+                    domain, split, num_tiles, tile_size, seed, sensor, shift, "rural", palette, layouts,
+                    textures=textures,
+                )  # fmt: skip
                 if domain == "urban"
                 else SyntheticAerial(domain, split, num_tiles, tile_size, seed, "rgb")
             )

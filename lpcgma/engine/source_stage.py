@@ -76,6 +76,7 @@ _NOT_HASHED = (
     "data.synthetic_shift",
     "data.synthetic_target_palette",
     "data.synthetic_target_layouts",
+    "data.synthetic_target_textures",
     "model.ema_momentum",
     "model.init_checkpoint",
     "train.eval_every",

@@ -64,6 +64,9 @@ class EvalReport:
     is_best: bool
     previews: list[dict[str, Any]] = field(default_factory=list)  # a few tiles: image, mask, pred, name
     best_checkpoint: Path | None = None  # checkpoints/best, when this evaluation is the best so far (rank 0)
+    # the teacher's target pseudo-labels against the target masks since the last evaluation, [2, C, C]
+    # (`Method.pseudo_label_confusion`): rank 0, when the method has pseudo-labels and the target labels
+    pseudo_confusion: Tensor | None = None
 
 
 @dataclass
@@ -422,7 +425,9 @@ class Trainer:
         is_best = False
         if do_eval:
             self.evaluator.precise_bn()
+        pseudo_confusion: Tensor | None = None
         if do_eval and self.is_main:
+            pseudo_confusion = self.method.pseudo_label_confusion()  # evaluate() reports and resets the counts
             metrics, confusion, previews = self.evaluator.evaluate(self.cfg.tracking.log_overlays)
             metric, mode = self.selection
             score = metrics.get(metric, math.nan)
@@ -430,11 +435,13 @@ class Trainer:
                 self.best_metric, self.best_step, is_best = score, self.step, True
             metrics["best_" + metric] = self.best_metric
             self._write_jsonl({"step": self.step, **metrics})
+            if pseudo_confusion is not None:
+                self._write_pseudo_confusion(pseudo_confusion)
         ckpt = self.save_checkpoint(is_best, step_folder=do_ckpt) if (do_ckpt or is_best) and self.is_main else None
         best = self.ckpt_root / "best" if is_best and self.is_main else None
         comm.barrier()
         if do_eval or do_ckpt:
-            report = EvalReport(self.step, metrics, confusion, ckpt, is_best, previews, best)
+            report = EvalReport(self.step, metrics, confusion, ckpt, is_best, previews, best, pseudo_confusion)
             for cb in self.callbacks:
                 cb.on_eval(report)
         return metrics, ckpt
@@ -456,6 +463,18 @@ class Trainer:
         if self.is_main:
             with open(self.out_dir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
+
+    def _write_pseudo_confusion(self, counts: Tensor) -> None:
+        """One line of ``pseudo_confusion.jsonl``: the step, the class names and the pseudo-label counts
+        (``every`` labelled target pixel, ``confident`` ones; rows: true class, columns: pseudo-label)."""
+        record = {
+            "step": self.step,
+            "classes": self.class_names,
+            "every": counts[0].tolist(),
+            "confident": counts[1].tolist(),
+        }
+        with open(self.out_dir / "pseudo_confusion.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
 
     def _progress_bar(self) -> Any:
         if not (self.cfg.train.progress and self.is_main and sys.stderr.isatty()):

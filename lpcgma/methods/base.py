@@ -112,6 +112,14 @@ class Method(nn.Module):
             truth = downsample_labels(truth, pseudo.shape[-2:])
         self.pseudo_counts += pseudo_label_counts(pseudo, confidence, truth, threshold, self.num_classes)
 
+    def pseudo_label_confusion(self) -> Tensor | None:
+        """The pseudo-label counts since the last `diagnostics()` report, [2, C, C] on the CPU ([0] every
+        labelled target pixel, [1] the confident ones; rows: true class, columns: pseudo-label), or None
+        when nothing was counted (no target labels, or a method without pseudo-labels). A copy: read it
+        before `diagnostics()`, which resets the counts."""
+        counts = self.pseudo_counts.detach().cpu().clone()
+        return counts if int(counts[0].sum()) > 0 else None
+
     def diagnostics(self) -> dict[str, float]:
         """Method metrics reported at each evaluation: the base reports the pseudo-label diagnostics
         of the steps since the last report (this rank's batches; `record_pseudo_labels`) and resets them."""

@@ -47,8 +47,10 @@ def colorize(mask: Any, palette: Sequence[RGB]) -> np.ndarray:
     return lut[_as_numpy(mask).astype(np.int64).clip(0, 255)]
 
 
-def confusion_matrix_figure(confusion: Any, class_names: Sequence[str], title: str = "") -> Figure:
-    """Row-normalised confusion matrix (rows: ground truth, columns: prediction), counts beside."""
+def confusion_matrix_figure(
+    confusion: Any, class_names: Sequence[str], title: str = "", predicted: str = "predicted"
+) -> Figure:
+    """Row-normalised confusion matrix (rows: ground truth, columns: `predicted`, the axis label)."""
     cm = _as_numpy(confusion).astype(np.float64)
     c = len(class_names)
     rows = cm.sum(1, keepdims=True)
@@ -60,7 +62,7 @@ def confusion_matrix_figure(confusion: Any, class_names: Sequence[str], title: s
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="fraction of the true class")
     ax.set_xticks(range(c), labels=list(class_names), rotation=45, ha="right")
     ax.set_yticks(range(c), labels=list(class_names))
-    ax.set_xlabel("predicted")
+    ax.set_xlabel(predicted)
     ax.set_ylabel("ground truth")
     if c <= 20:
         for i in range(c):

@@ -14,7 +14,8 @@ only (other ranks do nothing):
 - every evaluation: target mIoU, per-class IoU (``target_iou/<class>``) and the method's diagnostics
   (pseudo-label quality ``pseudo/…`` among them) as metrics with the step;
   ``plots/confusion_matrix/step_<N>.png``, ``plots/iou/step_<N>.png``,
-  ``plots/pseudo_labels/step_<N>.png`` and ``overlays/step_<N>/<tile>.png``; when the evaluation is
+  ``plots/pseudo_labels/step_<N>.png``, ``plots/pseudo_confusion/step_<N>.png`` (which true classes the
+  confident pseudo-labels come from) and ``overlays/step_<N>/<tile>.png``; when the evaluation is
   the best so far, its model as ``checkpoints/best`` (``state.pt`` with the student's weights, step and
   classes — what promotion and prediction load, a quarter of a resumable checkpoint — + ``config.yaml``).
 - end: the last checkpoint's model as ``checkpoints/final``, status FINISHED; on an exception FAILED with
@@ -102,6 +103,8 @@ def eval_split_tag(cfg: ExperimentConfig) -> str:
             parts.append(f"palette={d.synthetic_target_palette}")
         if d.synthetic_target_layouts != "shifted":
             parts.append(f"layouts={d.synthetic_target_layouts}")
+        if d.synthetic_target_textures != "own":
+            parts.append(f"textures={d.synthetic_target_textures}")
     elif d.dataset == "isprs":
         parts += [f"modality={d.isprs_modality}", f"ignore_clutter={d.isprs_ignore_clutter}"]
     return ":".join(str(p) for p in parts)
@@ -343,6 +346,12 @@ class MLflowCallback(Callback):
             if ious:
                 fig = plots.iou_bar_figure(ious, self.class_names, self.palette, f"per-class IoU, step {report.step}")
                 lg.log_artifact(plots.save_figure(fig, t / "iou" / f"{tag}.png"), "plots/iou")
+            if report.pseudo_confusion is not None:
+                fig = plots.confusion_matrix_figure(
+                    report.pseudo_confusion[1], self.class_names,
+                    f"confident pseudo-labels against the truth, step {report.step}", predicted="pseudo-label",
+                )  # fmt: skip
+                lg.log_artifact(plots.save_figure(fig, t / "pcm" / f"{tag}.png"), "plots/pseudo_confusion")
             pseudo = plots.pseudo_label_figure(report.metrics, self.class_names, f"pseudo-labels, step {report.step}")
             if pseudo is not None:
                 lg.log_artifact(plots.save_figure(pseudo, t / "pseudo" / f"{tag}.png"), "plots/pseudo_labels")

@@ -5,6 +5,7 @@ import torch
 from lpcgma.data.loveda import LoveDA
 from lpcgma.data.synthetic import (
     AGRICULTURE,
+    BACKGROUND,
     BARREN,
     BUILDING,
     FOREST,
@@ -278,5 +279,57 @@ def test_layouts_arguments_are_checked_and_written(tmp_path) -> None:
     write_synthetic_loveda(tmp_path, num_tiles=2, tile_size=32, seed=5, sensor="rgb", shift=0.7, layouts="source")
     loaded = LoveDA(tmp_path, "val", "urban")
     ref = SyntheticAerial("urban", "val", 2, 32, 5, "rgb", shift=0.7, shift_from="rural", layouts="source")
+    for i in range(2):
+        assert torch.equal(loaded[i]["image"], ref[i]["image"]) and torch.equal(loaded[i]["mask"], ref[i]["mask"])
+
+
+def _class_roughness(ds: SyntheticAerial) -> np.ndarray:
+    """Mean |Laplacian| of the grey image [7] inside each class's regions (pixels whose 4 neighbours
+    share their class): how fine a class's texture is, the cue that separates barren's speckle."""
+    sums, counts = np.zeros(7), np.zeros(7)
+    for i in range(len(ds)):
+        s = ds[i]
+        img, m = s["image"].float().mean(0).numpy(), s["mask"].numpy()
+        centre = m[1:-1, 1:-1]
+        lap = np.abs(4 * img[1:-1, 1:-1] - img[:-2, 1:-1] - img[2:, 1:-1] - img[1:-1, :-2] - img[1:-1, 2:])
+        inside = (centre == m[:-2, 1:-1]) & (centre == m[2:, 1:-1]) & (centre == m[1:-1, :-2]) & (centre == m[1:-1, 2:])
+        for c in range(7):
+            sums[c] += lap[inside & (centre == c)].sum()
+            counts[c] += (inside & (centre == c)).sum()
+    return sums / np.maximum(counts, 1)
+
+
+def test_distinct_textures_keep_every_target_class_nearer_its_own_source_texture_than_barrens() -> None:
+    """The own urban textures give agriculture and background a roughness nearer rural barren's speckle
+    than their own rural class's (what the source model misreads: module doc); distinct ones do not."""
+    n, size = 12, 64
+    rural = np.log(_class_roughness(SyntheticAerial("rural", "train", n, size, seed=0)))
+
+    def imitates_barren(textures: str) -> set[int]:
+        ds = SyntheticAerial(
+            "urban", "train", n, size, seed=0, shift=1.0, shift_from="rural", palette="source", layouts="source",
+            textures=textures,  # type: ignore[arg-type]
+        )  # fmt: skip
+        target = np.log(_class_roughness(ds))
+        return {c for c in range(7) if c != BARREN and abs(target[c] - rural[BARREN]) < abs(target[c] - rural[c])}
+
+    assert imitates_barren("own") == {BACKGROUND, AGRICULTURE}
+    assert imitates_barren("distinct") == set()
+
+
+def test_textures_argument_is_checked_changes_the_look_only_and_is_written(tmp_path) -> None:
+    with pytest.raises(ValueError, match="textures"):
+        SyntheticAerial("urban", "train", textures="velvet")  # type: ignore[arg-type]
+    own = SyntheticAerial("urban", "val", 3, 48, seed=1, shift=0.8, shift_from="rural")
+    distinct = SyntheticAerial("urban", "val", 3, 48, seed=1, shift=0.8, shift_from="rural", textures="distinct")
+    for i in range(3):  # same layouts; the image changes
+        assert torch.equal(own[i]["mask"], distinct[i]["mask"])
+        assert not torch.equal(own[i]["image"], distinct[i]["image"])
+    rural = SyntheticAerial("rural", "val", 2, 48, seed=1)  # the source domain never changes
+    also_rural = SyntheticAerial("rural", "val", 2, 48, seed=1, textures="distinct")
+    assert torch.equal(rural[0]["image"], also_rural[0]["image"])
+    write_synthetic_loveda(tmp_path, num_tiles=2, tile_size=32, seed=5, sensor="rgb", shift=0.7, textures="distinct")
+    loaded = LoveDA(tmp_path, "val", "urban")
+    ref = SyntheticAerial("urban", "val", 2, 32, 5, "rgb", shift=0.7, shift_from="rural", textures="distinct")
     for i in range(2):
         assert torch.equal(loaded[i]["image"], ref[i]["image"]) and torch.equal(loaded[i]["mask"], ref[i]["mask"])

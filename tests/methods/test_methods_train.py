@@ -7,6 +7,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -98,9 +99,20 @@ def test_uda_methods_report_pseudo_label_diagnostics(method: str, tmp_path: Path
     assert 0.0 <= m["pseudo/accuracy"] <= 1.0 and 0.0 <= m["pseudo/confident_frac"] <= 1.0
     records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert sum("pseudo/miou" in r for r in records) == 2  # one report per evaluation
+    # pseudo_confusion.jsonl: the counts behind each report (same step, same accuracy and shares)
+    matrices = [json.loads(x) for x in (tmp_path / "run" / "pseudo_confusion.jsonl").read_text().splitlines()]
+    reports = [r for r in records if "pseudo/miou" in r]
+    assert [x["step"] for x in matrices] == [r["step"] for r in reports] and matrices[0]["classes"] == list(names)
+    for counts, report in zip(matrices, reports, strict=True):
+        every, confident = np.array(counts["every"]), np.array(counts["confident"])
+        assert every.shape == (len(names), len(names)) and (confident <= every).all()
+        assert np.trace(every) / every.sum() == pytest.approx(report["pseudo/accuracy"])
+        assert confident.sum() / every.sum() == pytest.approx(report["pseudo/confident_frac"])
+        assert every.sum(0)[0] / every.sum() == pytest.approx(report[f"pseudo/label_share/{names[0]}"])
     unlabelled = tiny_config(tmp_path / "u", f"method.name={method}", "data.target_labels=false",
                              "train.select_by=source_miou", *METHOD_EXTRAS.get(method, []))
     assert not any(k.startswith("pseudo/label_share") for k in Trainer(unlabelled).fit().final_metrics)
+    assert not (tmp_path / "u" / "run" / "pseudo_confusion.jsonl").exists()
 
 
 def test_lpcgma_logs_every_term_and_diagnostics(tmp_path: Path) -> None:

@@ -62,6 +62,7 @@ def test_a_tracked_run_has_params_tags_metrics_and_artifacts(
         "plots/confusion_matrix/step_00000004.png",
         "plots/iou/step_00000002.png",
         "plots/pseudo_labels/step_00000004.png",
+        "plots/pseudo_confusion/step_00000004.png",
         "overlays/step_00000004/01_tile_1.png",
         "checkpoints/best/state.pt",
         "checkpoints/best/config.yaml",

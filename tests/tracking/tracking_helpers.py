@@ -102,12 +102,14 @@ def fake_report(step: int, ckpt: Path | None, is_best: bool, num_classes: int = 
     metrics = {"target_miou": 0.1 * step, "target_oa": 0.5, "best_target_miou": 0.1 * step}
     metrics |= {f"target_iou/{n}": 0.05 * i for i, n in enumerate(names)}
     metrics["pmc/anchors"] = 12.0
+    pseudo_confusion = None
     if step == 4:  # a self-training method's pseudo-label diagnostics at one evaluation
         from lpcgma.losses.pseudo_quality import pseudo_label_counts, pseudo_label_report
 
         truth = torch.randint(0, len(names), (1, 8, 8), generator=g)
         counts = pseudo_label_counts(truth.roll(1, -1), torch.rand(1, 8, 8, generator=g), truth, 0.5, len(names))
         metrics |= pseudo_label_report(counts, names)
+        pseudo_confusion = counts
     previews = [
         {
             "name": f"tile_{i}.png",
@@ -118,7 +120,7 @@ def fake_report(step: int, ckpt: Path | None, is_best: bool, num_classes: int = 
         for i in range(2)
     ]
     cm = torch.randint(0, 50, (num_classes, num_classes), generator=g)
-    return EvalReport(step, metrics, cm, ckpt, is_best, previews)
+    return EvalReport(step, metrics, cm, ckpt, is_best, previews, pseudo_confusion=pseudo_confusion)
 
 
 def write_fake_checkpoint(root: Path, step: int, cfg: Any) -> Path:
