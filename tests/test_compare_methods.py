@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
 
+from script_helpers import load_script
+
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "experiments" / "compare_methods.py"
-_spec = importlib.util.spec_from_file_location("compare_methods", SCRIPT)
-assert _spec is not None and _spec.loader is not None
-compare = sys.modules["compare_methods"] = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(compare)
+compare = load_script(SCRIPT, "compare_methods")
 
 TINY = [
     "data.synthetic_tiles=4",

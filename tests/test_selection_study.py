@@ -2,19 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
+from script_helpers import load_script
 
 REPO = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("selection_study", REPO / "experiments" / "selection_study.py")
-assert _spec is not None and _spec.loader is not None
-study = sys.modules["selection_study"] = importlib.util.module_from_spec(_spec)  # dataclasses look it up
-_spec.loader.exec_module(study)
+study = load_script(REPO / "experiments" / "selection_study.py", "selection_study")
 
 
 def _points() -> list:  # type: ignore[type-arg]

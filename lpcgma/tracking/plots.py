@@ -47,19 +47,14 @@ def colorize(mask: Any, palette: Sequence[RGB]) -> np.ndarray:
     return lut[_as_numpy(mask).astype(np.int64).clip(0, 255)]
 
 
-def confusion_matrix_figure(
-    confusion: Any, class_names: Sequence[str], title: str = "", predicted: str = "predicted"
-) -> Figure:
-    """Row-normalised confusion matrix (rows: ground truth, columns: `predicted`, the axis label)."""
+def draw_confusion(ax: Any, confusion: Any, class_names: Sequence[str], predicted: str = "predicted") -> Any:
+    """Draw a row-normalised confusion matrix (rows: ground truth, columns: `predicted`, the axis
+    label) on `ax`, each cell's fraction written in it (up to 20 classes); returns the image."""
     cm = _as_numpy(confusion).astype(np.float64)
     c = len(class_names)
     rows = cm.sum(1, keepdims=True)
     norm = np.divide(cm, rows, out=np.zeros_like(cm), where=rows > 0)
-    size = max(4.0, 0.6 * c + 2.0)
-    fig = Figure(figsize=(size + 1.0, size))
-    ax = fig.add_subplot()
     im = ax.imshow(norm, cmap="Blues", vmin=0.0, vmax=1.0)
-    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="fraction of the true class")
     ax.set_xticks(range(c), labels=list(class_names), rotation=45, ha="right")
     ax.set_yticks(range(c), labels=list(class_names))
     ax.set_xlabel(predicted)
@@ -68,15 +63,19 @@ def confusion_matrix_figure(
         for i in range(c):
             for j in range(c):
                 v = norm[i, j]
-                ax.text(
-                    j,
-                    i,
-                    f"{v:.2f}",
-                    ha="center",
-                    va="center",
-                    fontsize=7,
-                    color="white" if v > 0.5 else "black",
-                )
+                ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7, color="white" if v > 0.5 else "black")
+    return im
+
+
+def confusion_matrix_figure(
+    confusion: Any, class_names: Sequence[str], title: str = "", predicted: str = "predicted"
+) -> Figure:
+    """Row-normalised confusion matrix (rows: ground truth, columns: `predicted`, the axis label)."""
+    size = max(4.0, 0.6 * len(class_names) + 2.0)
+    fig = Figure(figsize=(size + 1.0, size))
+    ax = fig.add_subplot()
+    im = draw_confusion(ax, confusion, class_names, predicted)
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="fraction of the true class")
     ax.set_title(title or "confusion matrix (row-normalised)")
     fig.tight_layout()
     return fig
@@ -205,6 +204,7 @@ __all__ = [
     "class_ious",
     "colorize",
     "confusion_matrix_figure",
+    "draw_confusion",
     "iou_bar_figure",
     "legend_figure",
     "overlay_strip",

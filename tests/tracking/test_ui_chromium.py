@@ -9,7 +9,6 @@ copied to ``$LPCGMA_TEST_ARTIFACTS`` when that is set.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import re
 import shutil
@@ -20,6 +19,7 @@ from types import ModuleType
 from typing import Any
 
 import pytest
+from script_helpers import load_script
 from tracking_helpers import REPO, MlflowServer, fake_report, fake_trainer, synthetic_cfg
 
 from lpcgma.engine.trainer import TrainResult
@@ -44,14 +44,9 @@ KEY = "method.tau_pmc"
 TAUS = ("0.35", "0.55", "0.75")
 
 
-def load_script() -> ModuleType:
-    """`mlflow/` is a data folder, not a package: load the script by path."""
-    spec = importlib.util.spec_from_file_location("compare_screenshot", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+def screenshot_script() -> ModuleType:
+    """The screenshot script, loaded by path (experiments/ is a folder of scripts)."""
+    return load_script(SCRIPT, "compare_screenshot")
 
 
 def save_artifact(png: Path, name: str) -> None:
@@ -92,7 +87,7 @@ def search(module_server: MlflowServer, tmp_path_factory: pytest.TempPathFactory
 
 
 def test_compare_view_shows_the_trials(search: dict[str, Any], tmp_path: Path) -> None:
-    cs = load_script()
+    cs = screenshot_script()
     uri = search["server"].uri
     runs = cs.resolve_runs(uri, EXPERIMENT, search=SEARCH)
     assert [r.run_id for r in runs] == search["run_ids"]  # the trials (oldest first), not the parent
@@ -130,7 +125,7 @@ def test_script_starts_a_server_for_a_store(search: dict[str, Any], tmp_path: Pa
 
 
 def test_script_says_what_is_missing(search: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    cs = load_script()
+    cs = screenshot_script()
     argv = ["--tracking-uri", search["server"].uri, "--run-ids", *search["run_ids"]]
     argv += ["--expect-param", KEY, "--expect-param", "method.no_such_key", "--timeout", "10"]
     assert cs.main([*argv, "--out", str(tmp_path / "missing.png")]) == 1
