@@ -42,6 +42,11 @@ class DataConfig:
     eval_scale: float = 1.0  # test scale: tiles are resized by it before inference, predictions back to full size
     hflip: bool = True  # random horizontal/vertical flips and rot90
     photometric: bool = True  # random brightness/contrast/saturation jitter
+    # texture-robust source training: source (labelled) crops only, every stage; fine texture is the cue
+    # that transfers worst (RESULTS.md, session 16), blur removes it and pixel noise puts it on every class
+    source_blur_prob: float = 0.0  # probability that a source crop is Gaussian-blurred (σ uniform in [0.5, 1.5] px)
+    source_noise_prob: float = 0.0  # probability that a source crop gets Gaussian pixel noise
+    source_noise_std: float = 20.0  # that noise's std, in 0–255 pixel units
     rcs_enabled: bool = False  # image-level rare-class sampling of source tiles (DAFormer RCS)
     rcs_temperature: float = 0.01  # T_rcs: P(c) ∝ exp((1 - f_c) / T_rcs); smaller = rarer classes favoured
     # synthetic benchmark only
@@ -306,6 +311,10 @@ class ExperimentConfig:
         check_value(0 < lo <= hi, "data.scale_range", self.data.scale_range, "0 < low <= high")
         check_value(0 < self.data.eval_scale <= 4, "data.eval_scale", self.data.eval_scale, "a factor in (0, 4]")
         check_value(0 <= self.data.synthetic_shift <= 1, "data.synthetic_shift", self.data.synthetic_shift, "in [0, 1]")
+        for key in ("source_blur_prob", "source_noise_prob"):
+            prob = getattr(self.data, key)
+            check_value(0 <= prob <= 1, f"data.{key}", prob, "a probability in [0, 1]")
+        check_value(self.data.source_noise_std > 0, "data.source_noise_std", self.data.source_noise_std, "> 0")
         check_value(self.data.rcs_temperature > 0, "data.rcs_temperature", self.data.rcs_temperature, "> 0")
         check_value(self.model.proj_dim > 0, "model.proj_dim", self.model.proj_dim, "> 0")
         check_value(0 <= self.model.ema_momentum < 1, "model.ema_momentum", self.model.ema_momentum, "in [0, 1)")

@@ -17,7 +17,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from lpcgma.data.sampling import MaskDataset, RareClassSampler, class_histograms
-from lpcgma.data.transforms import TrainTransform
+from lpcgma.data.transforms import TextureAugment, TrainTransform
 
 if TYPE_CHECKING:
     from lpcgma.config import DataConfig
@@ -147,13 +147,18 @@ def augmented_stream(
     rank: int = 0,
     world_size: int = 1,
     rcs_temperature: float | None = None,
+    source: bool = False,
 ) -> TrainStream:
     """`dataset`'s training-augmented batches as `data_cfg` describes them (rescale, crop, flips,
-    photometric jitter, normalisation by `mean`/`std`), `data.batch_size` each, this rank's shard."""
+    photometric jitter, normalisation by `mean`/`std`), `data.batch_size` each, this rank's shard.
+    `source`: the labelled source stream, which also gets the ``data.source_*`` texture augmentation."""
     d = data_cfg
+    texture = TextureAugment()
+    if source:
+        texture = TextureAugment(d.source_blur_prob, d.source_noise_prob, d.source_noise_std)
     return TrainStream(
         dataset,
-        TrainTransform(d.crop_size, d.scale_range, d.hflip, d.photometric, mean, std),
+        TrainTransform(d.crop_size, d.scale_range, d.hflip, d.photometric, mean, std, texture),
         batch_size=d.batch_size,
         seed=seed,
         rank=rank,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -80,9 +81,33 @@ def _normalise(mean: Sequence[float], std: Sequence[float]) -> list[v2.Transform
     ]
 
 
+@dataclass(frozen=True)
+class TextureAugment:
+    """Texture-robust augmentation of an image: Gaussian blur (σ uniform in [0.5, 1.5] px) with
+    probability `blur_prob`, then Gaussian pixel noise of std `noise_std` (0-255 units) with
+    probability `noise_prob`. Blur removes fine texture; noise puts speckle on every class, so neither
+    stays a class cue. Masks are never changed."""
+
+    blur_prob: float = 0.0
+    noise_prob: float = 0.0
+    noise_std: float = 20.0
+
+    def steps(self) -> tuple[list[v2.Transform], list[v2.Transform]]:
+        """(steps on the uint8 image, steps on the float 0-255 image before normalisation)."""
+        on_uint8: list[v2.Transform] = []
+        on_float: list[v2.Transform] = []
+        if self.blur_prob > 0:
+            on_uint8.append(v2.RandomApply([v2.GaussianBlur(kernel_size=5, sigma=(0.5, 1.5))], p=self.blur_prob))
+        if self.noise_prob > 0:
+            noise = v2.GaussianNoise(mean=0.0, sigma=self.noise_std, clip=False)
+            on_float.append(v2.RandomApply([noise], p=self.noise_prob))
+        return on_uint8, on_float
+
+
 class TrainTransform(_Transform):
     """Random scale → random crop to `crop_size` (padding image 0, mask 255) → flips and rot90 →
-    photometric jitter (image only) → normalise. `mean`/`std` are in 0-255 pixel units."""
+    photometric jitter (image only) → optional texture augmentation (image only) → normalise.
+    `mean`/`std` are in 0-255 pixel units."""
 
     def __init__(
         self,
@@ -92,6 +117,7 @@ class TrainTransform(_Transform):
         photometric: bool = True,
         mean: Sequence[float] = (0.0, 0.0, 0.0),
         std: Sequence[float] = (1.0, 1.0, 1.0),
+        texture: TextureAugment = TextureAugment(),
     ) -> None:
         steps: list[v2.Transform] = []
         if tuple(scale_range) != (1.0, 1.0):
@@ -103,7 +129,9 @@ class TrainTransform(_Transform):
         if photometric:
             jitter = v2.ColorJitter(brightness=0.3, contrast=0.3, saturation=0.3, hue=0.03)
             steps.append(v2.RandomApply([jitter], p=0.8))
-        self.pipeline = v2.Compose(steps + _normalise(mean, std))
+        on_uint8, on_float = texture.steps()
+        to_float, normalise = _normalise(mean, std)
+        self.pipeline = v2.Compose([*steps, *on_uint8, to_float, *on_float, normalise])
 
 
 class EvalTransform(_Transform):

@@ -98,6 +98,9 @@ _NOT_HASHED = (
     "source_stage.",
     "tracking.",
 )
+# Keys added after source models were first cached: they enter the key only when set to something
+# other than their default, so that a model cached before they existed keeps its key.
+_HASHED_WHEN_SET = ("data.source_blur_prob", "data.source_noise_prob", "data.source_noise_std")
 # Model settings a warm start must share with the checkpoint it starts from.
 MODEL_KEYS = ("backbone", "proj_dim", "aspp_dilations")
 
@@ -143,7 +146,9 @@ def stage_config(cfg: ExperimentConfig) -> ExperimentConfig:
 def source_settings(cfg: ExperimentConfig) -> dict[str, Any]:
     """The resolved keys of `cfg`'s source stage that change the source model (hashed into its key)."""
     flat = flatten(stage_config(cfg))
-    return {k: v for k, v in sorted(flat.items()) if not _unhashed(k)}
+    defaults = flatten(ExperimentConfig())
+    unset = {k for k in _HASHED_WHEN_SET if flat[k] == defaults[k]}
+    return {k: v for k, v in sorted(flat.items()) if not _unhashed(k) and k not in unset}
 
 
 def _unhashed(key: str) -> bool:

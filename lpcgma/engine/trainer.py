@@ -231,7 +231,7 @@ class Trainer:
         rcs = d.rcs_temperature if d.rcs_enabled else None
         mean, std, rank, world = self.data.mean, self.data.std, self.rank, self.world_size
         return (
-            augmented_stream(self.data.source_train, d, mean, std, seed * 2 + 1, rank, world, rcs),  # type: ignore[arg-type]
+            augmented_stream(self.data.source_train, d, mean, std, seed * 2 + 1, rank, world, rcs, source=True),  # type: ignore[arg-type]
             augmented_stream(target, d, mean, std, seed * 2 + 2, rank, world),  # type: ignore[arg-type]
         )
 

@@ -2,8 +2,9 @@ import numpy as np
 import pytest
 import torch
 
+from lpcgma.config import load_config
 from lpcgma.data.sampling import RareClassSampler
-from lpcgma.data.stream import TrainStream
+from lpcgma.data.stream import TrainStream, augmented_stream
 from lpcgma.data.synthetic import SyntheticAerial
 from lpcgma.data.transforms import TrainTransform
 
@@ -88,3 +89,16 @@ def test_invalid_arguments(tiles):
         TrainStream(
             SyntheticAerial("rural", "train", 2, 16), TRANSFORM, batch_size=1, seed=0, rank=2, world_size=3
         )
+
+
+def test_texture_augment_reaches_the_source_stream_only(tiles):
+    plain = load_config(None, ["data.crop_size=24", "data.batch_size=2"]).data
+    blurred = load_config(None, ["data.crop_size=24", "data.batch_size=2", "data.source_blur_prob=1.0"]).data
+    mean, std = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
+
+    def first(d, source):
+        return _take(augmented_stream(tiles, d, mean, std, seed=3, source=source), 0, 1)[0]
+
+    _assert_same([first(plain, True)], [first(blurred, False)])  # a target stream ignores data.source_*
+    a, b = first(plain, True), first(blurred, True)
+    assert torch.equal(a["mask"], b["mask"]) and not torch.equal(a["image"], b["image"])

@@ -1,7 +1,7 @@
 import numpy as np
 import torch
 
-from lpcgma.data.transforms import EvalTransform, TrainTransform
+from lpcgma.data.transforms import EvalTransform, TextureAugment, TrainTransform
 
 from .fixtures import blocky_labels
 
@@ -88,3 +88,42 @@ def test_eval_transform_only_normalises():
     assert out["image"].shape == (3, 64, 80) and torch.equal(out["mask"], s["mask"])
     expected = (s["image"].float() - torch.tensor(MEAN)[:, None, None]) / torch.tensor(STD)[:, None, None]
     assert torch.allclose(out["image"], expected)
+
+
+def _speckle_sample(size: int = 64, seed: int = 0) -> dict:
+    """A mid-grey tile of per-pixel speckle (the fine texture blur should remove), one class."""
+    rng = np.random.default_rng(seed)
+    image = torch.from_numpy(np.clip(128 + 40 * rng.standard_normal((3, size, size)), 0, 255).astype(np.uint8))
+    return {"image": image, "mask": torch.zeros(size, size, dtype=torch.int64), "name": "s"}
+
+
+def _fine_energy(image: torch.Tensor) -> float:
+    """Mean absolute difference between horizontal neighbours: the fine texture left in an image."""
+    return float((image[..., 1:] - image[..., :-1]).abs().mean())
+
+
+def test_texture_blur_removes_fine_texture_and_keeps_the_mask():
+    s = _speckle_sample()
+    plain = TrainTransform(48, (1.0, 1.0), flips=False, photometric=False)
+    blurred = TrainTransform(48, (1.0, 1.0), flips=False, photometric=False, texture=TextureAugment(blur_prob=1.0))
+    for seed in range(3):
+        a, b = plain(s, seed=seed), blurred(s, seed=seed)
+        assert torch.equal(a["mask"], b["mask"])
+        assert _fine_energy(b["image"]) < 0.6 * _fine_energy(a["image"])  # σ ≥ 0.5 px averages speckle away
+        assert abs(float(b["image"].mean()) - float(a["image"].mean())) < 2.0  # the colour stays
+
+
+def test_texture_noise_adds_pixel_noise_of_the_given_std():
+    flat = {"image": torch.full((3, 64, 64), 120, dtype=torch.uint8), "mask": torch.zeros(64, 64, dtype=torch.int64)}
+    texture = TextureAugment(noise_prob=1.0, noise_std=15.0)
+    noisy = TrainTransform(64, (1.0, 1.0), flips=False, photometric=False, texture=texture)
+    out = noisy(flat, seed=1)["image"]
+    assert abs(float(out.std()) - 15.0) < 1.0 and abs(float(out.mean()) - 120.0) < 1.0
+
+
+def test_texture_augment_probability():
+    s = _speckle_sample()
+    half = TrainTransform(48, (1.0, 1.0), flips=False, photometric=False, texture=TextureAugment(blur_prob=0.5))
+    plain = TrainTransform(48, (1.0, 1.0), flips=False, photometric=False)
+    blurred = sum(not torch.equal(half(s, seed=k)["image"], plain(s, seed=k)["image"]) for k in range(40))
+    assert 10 <= blurred <= 30

@@ -20,6 +20,7 @@ from lpcgma.engine.source_stage import (
     ensure_source_model,
     evaluate_source_model,
     source_key,
+    source_settings,
     stage_config,
 )
 from lpcgma.engine.trainer import Trainer
@@ -82,9 +83,19 @@ def test_key_follows_the_source_settings_only(tmp_path: Path) -> None:
         "model.proj_dim": 16,
         "data.synthetic_seed": 4,
         "train.precise_bn_batches": 2,
+        "data.source_blur_prob": 0.5,  # texture augmentation of the source crops
+        "data.source_noise_prob": 0.5,
     }
     keys = {name: source_key(replace(cfg, {name: value})) for name, value in other.items()}
     assert source_key(cfg) not in keys.values() and len(set(keys.values())) == len(keys)
+
+
+def test_keys_added_later_leave_older_source_models_their_key(tmp_path: Path) -> None:
+    """A key added after models were cached enters the hash only when set away from its default."""
+    cfg = tiny(tmp_path)
+    assert "data.source_blur_prob" not in source_settings(cfg)
+    noisy = replace(cfg, {"data.source_noise_prob": 0.3})
+    assert source_settings(noisy)["data.source_noise_prob"] == 0.3 and source_key(noisy) != source_key(cfg)
 
 
 def test_stage_config_is_source_only_with_the_stage_settings(tmp_path: Path) -> None:
