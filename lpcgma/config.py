@@ -187,6 +187,10 @@ class SelfTrainingConfig(MethodConfig):
     # (moved to the target's class frequencies, estimated online by EM: docs/METHODS.md, label shift)
     pseudo_prior: Literal["source", "em"] = "source"
     prior_momentum: float = 0.99  # running-average momentum of the source and target class priors
+    # per-class thresholds δ_c = running median (momentum below) of q over the pixels labelled c, capped
+    # at δ (CBST-style; docs/METHODS.md): a class the teacher is never confident about still gets labels
+    class_thresholds: bool = False
+    class_threshold_momentum: float = 0.9
 
 
 @dataclass(frozen=True)

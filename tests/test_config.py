@@ -79,6 +79,18 @@ def test_bad_values_name_the_key(override: str, match: str) -> None:
         load_config(None, [override])
 
 
+@pytest.mark.parametrize(
+    ("override", "match"),
+    [
+        ("method.class_threshold_momentum=1.5", "method.class_threshold_momentum.*in \\[0, 1\\]"),
+        ("method.class_thresholds=maybe", "method.class_thresholds.*true or false"),
+    ],
+)
+def test_bad_self_training_values_name_the_key(override: str, match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        load_config(None, ["method.name=self_training", override])
+
+
 def test_temperature_and_k_bounds() -> None:
     with pytest.raises(ConfigError, match="method.gmm_push_per_class.*>= 1"):
         load_config(None, ["method.name=lpcgma", "method.gmm_push_per_class=0"])

@@ -1,4 +1,5 @@
-"""Offline pseudo-labels with per-class confidence thresholds (SDCA's final self-training round).
+"""Pseudo-labels with per-class confidence thresholds: offline (SDCA's final self-training round) and
+online (`running_class_thresholds`, self-training's `method.class_thresholds`).
 
 The adapted model predicts every target training pixel once; pixel i gets the class ŷ_i = argmax p_i
 and the confidence q_i = max p_i. Class c keeps its pixels with q_i ≥ θ_c, the rest are ignored (255):
@@ -14,6 +15,11 @@ The median is found exactly without gathering the pixels: a bisection on the flo
 θ (non-negative floats order like their bits) for the smallest value with at least k_c + 1 values
 ≤ it, where the counts may be summed over ranks by a `reduce` callable (e.g. an all-reduce). So each
 rank can label its own shard of tiles and every rank obtains the thresholds of the whole set.
+
+Online, the same rule runs on each teacher batch and the thresholds are running averages:
+θ_c ← m·θ_c + (1 − m)·min(median_c(batch), cap) for the classes predicted in the batch; the others
+keep theirs. Started at the cap, a class the teacher is never confident about gets a threshold its
+most confident pixels pass (class-balanced self-training, Zou et al. 2018, with CBST's portion at ½).
 """
 
 from __future__ import annotations
@@ -93,3 +99,15 @@ def offline_pseudo_labels(probs: Tensor, cap: float = 0.9, reduce: Reduce | None
     confidence, prediction = probs.detach().float().max(dim=1)
     thresholds = class_median_thresholds(confidence, prediction, probs.shape[1], cap, reduce)
     return apply_class_thresholds(confidence, prediction, thresholds), thresholds
+
+
+def running_class_thresholds(
+    thresholds: Tensor, confidence: Tensor, prediction: Tensor, cap: float, momentum: float
+) -> Tensor:
+    """One online step of the per-class thresholds [C] (float32): θ_c ← m·θ_c + (1 − m)·θ̂_c for the
+    classes predicted in this batch, θ̂ = `class_median_thresholds(confidence, prediction, C, cap)`;
+    classes with no pixel in the batch keep θ_c. Detached; a new tensor."""
+    batch = class_median_thresholds(confidence, prediction, thresholds.shape[0], cap).to(thresholds.device)
+    present = torch.isfinite(batch)
+    blended = momentum * thresholds + (1 - momentum) * torch.where(present, batch, thresholds)
+    return torch.where(present, blended, thresholds).to(torch.float32)

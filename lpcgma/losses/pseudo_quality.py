@@ -26,9 +26,10 @@ PREFIX = "pseudo/"
 
 
 def pseudo_label_counts(
-    pseudo: Tensor, confidence: Tensor, truth: Tensor, threshold: float, num_classes: int
+    pseudo: Tensor, confidence: Tensor, truth: Tensor, threshold: float | Tensor, num_classes: int
 ) -> Tensor:
-    """Counts [2, C, C] (long): [0] every labelled pixel, [1] those with confidence ≥ `threshold`;
+    """Counts [2, C, C] (long): [0] every labelled pixel, [1] those with confidence ≥ `threshold` (a
+    number, or per pixel [B, H, W]);
     rows = true class, columns = pseudo-label. Inputs are [B, H, W]; ignored truth (255) is skipped."""
     c = num_classes
     valid = (truth != IGNORE_INDEX) & (truth >= 0) & (truth < c)

@@ -31,8 +31,9 @@ def pseudo_labels(teacher_logits: Tensor) -> tuple[Tensor, Tensor]:
     return labels, conf
 
 
-def pseudo_label_weight(confidence: Tensor, threshold: float, mode: str) -> Tensor:
-    """Per-pixel weight of the target CE [B,H,W].
+def pseudo_label_weight(confidence: Tensor, threshold: float | Tensor, mode: str) -> Tensor:
+    """Per-pixel weight of the target CE [B,H,W]; `threshold` δ is a number or a per-pixel tensor
+    (per-class thresholds looked up at each pixel's label).
 
     ``fraction`` (DACS): every pixel of image b weighs the fraction of its pixels with q ≥ δ.
     ``confidence``: each pixel weighs its own q.

@@ -101,10 +101,12 @@ class Method(nn.Module):
                 ema.update(self.student, step)
 
     @torch.no_grad()
-    def record_pseudo_labels(self, pseudo: Tensor, confidence: Tensor, target: Batch, threshold: float) -> None:
-        """Count target pseudo-labels [B, h, w] (and which pass `threshold`) against the target masks,
-        for the diagnostics of `lpcgma.losses.pseudo_quality`; nothing without target labels. Never
-        a training signal: the counts only feed `diagnostics()`. No host sync."""
+    def record_pseudo_labels(
+        self, pseudo: Tensor, confidence: Tensor, target: Batch, threshold: float | Tensor
+    ) -> None:
+        """Count target pseudo-labels [B, h, w] (and which pass `threshold`, a number or per pixel)
+        against the target masks, for the diagnostics of `lpcgma.losses.pseudo_quality`; nothing without
+        target labels. Never a training signal: the counts only feed `diagnostics()`. No host sync."""
         if not self.cfg.data.target_labels:
             return
         truth = target["mask"]

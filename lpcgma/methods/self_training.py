@@ -3,6 +3,8 @@
 L_base = CE(student(x_s), y_s) + λ_st · CE_w(student(x_t'), ŷ_t), x_t' the ClassMix-ed target.
 With ``method.pseudo_prior=em`` the teacher's probabilities are moved to the target's class prior
 (estimated online by EM) before ŷ_t and its confidence are taken (`lpcgma.losses.label_shift`).
+With ``method.class_thresholds`` the threshold δ of the weighting is per class, δ_c = a running
+median of q over the pixels labelled c, capped at δ (`lpcgma.losses.offline_pseudo_labels`).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from torch import Tensor
 from lpcgma.config import ExperimentConfig, SelfTrainingConfig
 from lpcgma.losses.contrast import update_class_freq
 from lpcgma.losses.label_shift import em_prior_step, prior_corrected_probs
+from lpcgma.losses.offline_pseudo_labels import running_class_thresholds
 from lpcgma.losses.segmentation import cross_entropy, pseudo_label_weight
 from lpcgma.methods.base import Batch, Method, StepOutput
 from lpcgma.methods.mixing import classmix_masks, mix
@@ -43,6 +46,7 @@ class SelfTraining(Method):
     source_prior: Tensor  # running class frequencies of the source labels [C] (pseudo_prior=em only)
     target_prior: Tensor  # online-EM estimate of the target's class frequencies [C] (pseudo_prior=em only)
     prior_steps: Tensor  # EM steps taken (0: the priors start from the next source batch)
+    class_threshold: Tensor  # running per-class confidence thresholds δ_c [C] (class_thresholds only)
 
     def __init__(self, cfg: ExperimentConfig, class_names: Sequence[str]) -> None:
         super().__init__(cfg, class_names)
@@ -51,6 +55,8 @@ class SelfTraining(Method):
             self.register_buffer("source_prior", uniform.clone())
             self.register_buffer("target_prior", uniform.clone())
             self.register_buffer("prior_steps", torch.zeros((), dtype=torch.long))
+        if self.options.class_thresholds:  # checkpointed too; every class starts at δ
+            self.register_buffer("class_threshold", torch.full((self.num_classes,), self.options.pseudo_threshold))
 
     @torch.no_grad()
     def teacher_probs(self, teacher_logits: Tensor) -> Tensor:
@@ -83,8 +89,25 @@ class SelfTraining(Method):
         self.target_prior.copy_(em_prior_step(self.target_prior, corrected, momentum))
         self.prior_steps += 1
 
+    @torch.no_grad()
+    def confidence_threshold(self, pseudo: Tensor, confidence: Tensor) -> float | Tensor:
+        """The threshold each pseudo-label's confidence is compared with: δ, or (``class_thresholds``)
+        δ_{ŷ} per pixel [B,H,W] after one running update of δ_c on this batch."""
+        m = self.options
+        if not m.class_thresholds:
+            return m.pseudo_threshold
+        self.class_threshold.copy_(
+            running_class_thresholds(
+                self.class_threshold, confidence, pseudo, m.pseudo_threshold, m.class_threshold_momentum
+            )
+        )
+        return self.class_threshold[pseudo]
+
     def diagnostics(self) -> dict[str, float]:
         report = super().diagnostics()
+        if self.options.class_thresholds:
+            for name, delta in zip(self.class_names, self.class_threshold.tolist(), strict=True):
+                report[f"threshold/{name}"] = delta
         if self.options.pseudo_prior == "em":  # the estimates, beside pseudo/true_share when labels exist
             for name, p in zip(self.class_names, self.target_prior.tolist(), strict=True):
                 report[f"prior/target/{name}"] = p
@@ -110,8 +133,9 @@ class SelfTraining(Method):
         t_out = self.teacher_forward(source, target)
         self.update_priors(source["mask"], t_out["logits"])
         pseudo, conf = self.pseudo_labels(upsample_logits(t_out["logits"], size))
-        self.record_pseudo_labels(pseudo, conf, target, m.pseudo_threshold)
-        weight = pseudo_label_weight(conf, m.pseudo_threshold, m.pseudo_weighting)
+        threshold = self.confidence_threshold(pseudo, conf)
+        self.record_pseudo_labels(pseudo, conf, target, threshold)
+        weight = pseudo_label_weight(conf, threshold, m.pseudo_weighting)
         images, labels, mask = target["image"], pseudo, None
         if m.classmix:
             mask = classmix_masks(source["mask"])
@@ -122,7 +146,7 @@ class SelfTraining(Method):
             images = strong_view(images, irrg_prob=0.0)
         s_out = self.forward_student(images)
         loss = cross_entropy(upsample_logits(s_out["logits"], size), labels, weight)
-        logs = {"loss/target_st": loss.detach(), "pseudo/confident_frac": (conf >= m.pseudo_threshold).float().mean()}
+        logs = {"loss/target_st": loss.detach(), "pseudo/confident_frac": (conf >= threshold).float().mean()}
         return loss, logs, TargetPass(t_out, pseudo, conf, images, s_out, labels, mask)
 
     def base_step(

@@ -16,6 +16,7 @@ from lpcgma.losses.offline_pseudo_labels import (
     class_median_thresholds,
     median_index,
     offline_pseudo_labels,
+    running_class_thresholds,
 )
 
 IGNORE = 255
@@ -142,3 +143,32 @@ def test_shards_with_an_all_reduce_get_the_thresholds_of_the_whole_set(seed: int
         t.join(timeout=60)
     for r in results:
         assert r is not None and torch.equal(r, whole)
+
+
+def test_running_class_thresholds_move_present_classes_toward_their_capped_median() -> None:
+    # the released code's median (index round(n/2), half to even): class 0: 0.2, 0.4, 0.6 → index 2, 0.6;
+    # class 1: 0.95, 0.99 → index 1, 0.99, capped at 0.9; class 2: no pixel in the batch, keeps its threshold
+    confidence = torch.tensor([0.2, 0.4, 0.6, 0.95, 0.99])
+    prediction = torch.tensor([0, 0, 0, 1, 1])
+    before = torch.tensor([0.9, 0.5, 0.7])
+    after = running_class_thresholds(before, confidence, prediction, cap=0.9, momentum=0.75)
+    expected = torch.tensor([0.75 * 0.9 + 0.25 * 0.6, 0.75 * 0.5 + 0.25 * 0.9, 0.7])
+    torch.testing.assert_close(after, expected)
+    assert after.dtype == torch.float32 and torch.equal(before, torch.tensor([0.9, 0.5, 0.7]))  # a new tensor
+    # momentum 0 is the batch's rule itself; momentum 1 never moves
+    torch.testing.assert_close(
+        running_class_thresholds(before, confidence, prediction, 0.9, 0.0), torch.tensor([0.6, 0.9, 0.7])
+    )
+    torch.testing.assert_close(running_class_thresholds(before, confidence, prediction, 0.9, 1.0), before)
+
+
+def test_running_class_thresholds_let_a_never_confident_class_through() -> None:
+    # the teacher is never ≥ δ = 0.968 about class 1; its threshold falls to its median and the upper half passes
+    generator = torch.Generator().manual_seed(0)
+    thresholds = torch.full((2,), 0.968)
+    for _ in range(100):
+        prediction = torch.randint(0, 2, (4, 8, 8), generator=generator)
+        confidence = torch.where(prediction == 0, 0.99, 0.5 + 0.3 * torch.rand(4, 8, 8, generator=generator))
+        thresholds = running_class_thresholds(thresholds, confidence, prediction, cap=0.968, momentum=0.9)
+    assert thresholds[0] == pytest.approx(0.968, abs=1e-6)  # capped at δ
+    assert thresholds[1] == pytest.approx(0.65, abs=0.02)  # the median of U(0.5, 0.8)

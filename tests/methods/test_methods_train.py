@@ -309,3 +309,17 @@ def test_em_prior_pseudo_labels_train_report_and_are_checkpointed(method: str, t
     assert not any(k.startswith("prior/") for k in plain.final_metrics)  # the default keeps the source prior
     assert plain.last_checkpoint is not None
     assert "target_prior" not in torch.load(plain.last_checkpoint / "state.pt", weights_only=True)["method"]
+
+
+def test_class_thresholds_train_report_and_are_checkpointed(tmp_path: Path) -> None:
+    extras = ["method.class_thresholds=true", "method.class_threshold_momentum=0.5"]
+    extras.append("method.pseudo_weighting=threshold")
+    cfg = tiny_config(tmp_path, "method.name=self_training", *extras)
+    result = Trainer(cfg).fit()
+    names = build_datasets(cfg.data).classes.names
+    reported = [result.final_metrics[f"threshold/{c}"] for c in names]
+    assert all(0.0 <= t <= cfg.method.pseudo_threshold + 1e-6 for t in reported)  # type: ignore[attr-defined]
+    assert min(reported) < cfg.method.pseudo_threshold  # type: ignore[attr-defined]  # some class moved below δ
+    assert result.last_checkpoint is not None
+    state = torch.load(result.last_checkpoint / "state.pt", weights_only=True)["method"]
+    assert state["class_threshold"].tolist() == pytest.approx(reported)
