@@ -311,10 +311,11 @@ def test_em_prior_pseudo_labels_train_report_and_are_checkpointed(method: str, t
     assert "target_prior" not in torch.load(plain.last_checkpoint / "state.pt", weights_only=True)["method"]
 
 
-def test_class_thresholds_train_report_and_are_checkpointed(tmp_path: Path) -> None:
-    extras = ["method.class_thresholds=true", "method.class_threshold_momentum=0.5"]
+@pytest.mark.parametrize("method", ["self_training", "lpcgma"])
+def test_class_thresholds_train_report_and_are_checkpointed(method: str, tmp_path: Path) -> None:
+    extras = ["method.class_thresholds=true", "method.class_threshold_momentum=0.5", *METHOD_EXTRAS.get(method, [])]
     extras.append("method.pseudo_weighting=threshold")
-    cfg = tiny_config(tmp_path, "method.name=self_training", *extras)
+    cfg = tiny_config(tmp_path, f"method.name={method}", *extras)
     result = Trainer(cfg).fit()
     names = build_datasets(cfg.data).classes.names
     reported = [result.final_metrics[f"threshold/{c}"] for c in names]
