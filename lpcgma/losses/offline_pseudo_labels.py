@@ -108,6 +108,5 @@ def running_class_thresholds(
     classes predicted in this batch, θ̂ = `class_median_thresholds(confidence, prediction, C, cap)`;
     classes with no pixel in the batch keep θ_c. Detached; a new tensor."""
     batch = class_median_thresholds(confidence, prediction, thresholds.shape[0], cap).to(thresholds.device)
-    present = torch.isfinite(batch)
-    blended = momentum * thresholds + (1 - momentum) * torch.where(present, batch, thresholds)
-    return torch.where(present, blended, thresholds).to(torch.float32)
+    present = torch.isfinite(batch)  # absent classes (+inf) take the other branch; its inf is discarded
+    return torch.where(present, momentum * thresholds + (1 - momentum) * batch, thresholds).to(torch.float32)
