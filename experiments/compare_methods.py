@@ -53,6 +53,16 @@ METHODS: dict[str, list[str]] = {
         "method.bida_entropy=target",
     ],
     "LPCGMA": ["method.name=lpcgma"],
+    # the best label-free recipe on the texture-robust task (RESULTS.md, session 19): CBST's class thresholds
+    # with LPCGMA's forward Gaussian alignment alone, which keeps the lowered thresholds from drifting
+    "self-training + CBST + GMM forward": [
+        "method.name=lpcgma",
+        "method.use_pmc=false",
+        "method.use_pix=false",
+        "method.use_gmm_reverse=false",
+        "method.pseudo_weighting=threshold",
+        "method.class_thresholds=true",
+    ],
     "oracle (target labels)": ["method.name=oracle"],
 }
 _OFF = ["method.use_pmc=false", "method.use_pix=false", "method.use_gmm_forward=false", "method.use_gmm_reverse=false"]

@@ -9,6 +9,8 @@ from pathlib import Path
 
 from script_helpers import load_script
 
+from lpcgma.config import load_config
+
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "experiments" / "compare_methods.py"
 compare = load_script(SCRIPT, "compare_methods")
@@ -38,6 +40,15 @@ def test_method_options_reach_only_the_methods_that_have_them() -> None:
     assert kept == common and dropped == []
     kept, dropped = compare.applicable(common, ["method.name=source_only"])
     assert kept == ["train.iters=5"]
+
+
+def test_every_row_is_a_valid_config() -> None:
+    for name, variant in {**compare.METHODS, **compare.ABLATION}.items():
+        cfg = load_config(REPO / "lpcgma" / "configs" / "synthetic.yaml", variant)
+        assert cfg.method.name == variant[0].split("=", 1)[1], name
+    recipe = load_config(None, compare.METHODS["self-training + CBST + GMM forward"]).method
+    assert recipe.class_thresholds and recipe.use_gmm_forward
+    assert not (recipe.use_pmc or recipe.use_pix or recipe.use_gmm_reverse)
 
 
 def test_run_folder_depends_on_the_overrides_not_their_order(tmp_path: Path) -> None:

@@ -7,6 +7,7 @@ the GMM terms start after ``method.gmm_warmup_iters``. See docs/METHODS.md.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from typing import Any
 
@@ -30,6 +31,8 @@ from lpcgma.methods.self_training import SelfTraining, TargetPass
 from lpcgma.methods.views import strong_view
 from lpcgma.prototypes import GaussianPrototypes
 
+log = logging.getLogger(__name__)
+
 
 class LPCGMA(SelfTraining):
     """The product's method; see the module docstring."""
@@ -50,6 +53,13 @@ class LPCGMA(SelfTraining):
             push_per_class=m.gmm_push_per_class,
         )
         self._last: dict[str, Tensor] = {}  # features of the latest step, for reverse update & diagnostics
+        if (m.use_gmm_forward or m.use_gmm_reverse) and m.gmm_warmup_iters >= cfg.train.iters:
+            log.warning(
+                "method.gmm_warmup_iters=%d >= train.iters=%d: the Gaussian terms (forward alignment, reverse "
+                "update) never run in this run; lower method.gmm_warmup_iters (e.g. 50 for 400 steps)",
+                m.gmm_warmup_iters,
+                cfg.train.iters,
+            )
 
     @property
     def options(self) -> LPCGMAConfig:

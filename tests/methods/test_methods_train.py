@@ -15,6 +15,7 @@ from lpcgma.config import METHOD_CONFIGS, load_config
 from lpcgma.data.build import build_datasets
 from lpcgma.data.classes import IGNORE_INDEX
 from lpcgma.engine.trainer import Callback, EvalReport, NonFiniteLossError, Trainer
+from lpcgma.methods import build_method
 
 TINY = [
     "data.synthetic_tiles=4",
@@ -137,6 +138,23 @@ def test_ablation_switches_remove_terms(tmp_path: Path) -> None:
     Trainer(cfg).fit()
     keys = set().union(*[json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()])
     assert not {"loss/pmc", "loss/pix", "loss/gmm_fwd"} & keys
+
+
+@pytest.mark.parametrize(
+    ("extra", "warned"),
+    [
+        ([], True),  # the default warm-up (1000) is longer than the run (6 steps)
+        (["method.gmm_warmup_iters=2"], False),
+        (["method.use_gmm_forward=false", "method.use_gmm_reverse=false"], False),
+    ],
+)
+def test_lpcgma_warns_when_its_gaussian_terms_would_never_run(
+    extra: list[str], warned: bool, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    cfg = tiny_config(tmp_path, "method.name=lpcgma", *extra)
+    with caplog.at_level("WARNING", logger="lpcgma.methods.lpcgma"):
+        build_method(cfg, ["a", "b", "c"])
+    assert any("method.gmm_warmup_iters=1000 >= train.iters=6" in r.getMessage() for r in caplog.records) == warned
 
 
 @pytest.mark.parametrize(
