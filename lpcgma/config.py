@@ -191,6 +191,9 @@ class SelfTrainingConfig(MethodConfig):
     # at δ (CBST-style; docs/METHODS.md): a class the teacher is never confident about still gets labels
     class_thresholds: bool = False
     class_threshold_momentum: float = 0.9
+    # the teacher's target probabilities averaged over the crop resized by each of these factors
+    # (multi-scale pseudo-labels; (1.0,): one pass, as published): docs/METHODS.md
+    teacher_scales: tuple[float, ...] = (1.0,)
 
 
 @dataclass(frozen=True)
@@ -366,6 +369,14 @@ class ExperimentConfig:
                 check_value(0 <= value <= 1, f"method.{f.name}", value, "in [0, 1]")
             if f.name.startswith("lambda_"):
                 check_value(value >= 0, f"method.{f.name}", value, ">= 0")
+        if isinstance(m, SelfTrainingConfig):
+            scales = m.teacher_scales
+            check_value(
+                bool(scales) and all(0 < t <= 4 for t in scales),
+                "method.teacher_scales",
+                scales,
+                "one or more factors in (0, 4]",
+            )
         if isinstance(m, SDCAConfig):
             check_value(
                 0 <= m.final_st_iters < self.train.iters,

@@ -84,6 +84,9 @@ def test_bad_values_name_the_key(override: str, match: str) -> None:
     [
         ("method.class_threshold_momentum=1.5", "method.class_threshold_momentum.*in \\[0, 1\\]"),
         ("method.class_thresholds=maybe", "method.class_thresholds.*true or false"),
+        ("method.teacher_scales=[]", "method.teacher_scales.*one or more factors in \\(0, 4\\]"),
+        ("method.teacher_scales=[1.0,0]", "method.teacher_scales.*one or more factors"),
+        ("method.teacher_scales=[5]", "method.teacher_scales.*one or more factors"),
     ],
 )
 def test_bad_self_training_values_name_the_key(override: str, match: str) -> None:

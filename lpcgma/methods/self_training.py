@@ -5,6 +5,8 @@ With ``method.pseudo_prior=em`` the teacher's probabilities are moved to the tar
 (estimated online by EM) before ŷ_t and its confidence are taken (`lpcgma.losses.label_shift`).
 With ``method.class_thresholds`` the threshold δ of the weighting is per class, δ_c = a running
 median of q over the pixels labelled c, capped at δ (`lpcgma.losses.offline_pseudo_labels`).
+With ``method.teacher_scales`` the teacher's probabilities are averaged over resized copies of the
+target crop before anything else reads them (multi-scale pseudo-labels).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from lpcgma.config import ExperimentConfig, SelfTrainingConfig
@@ -126,11 +129,32 @@ class SelfTraining(Method):
         assert self.teacher is not None
         return self.teacher(target["image"])  # type: ignore[no-any-return]
 
+    @torch.no_grad()
+    def multiscale_teacher_logits(self, images: Tensor, logits: Tensor) -> Tensor:
+        """The teacher's target logits [B,C,h,w] as every later use takes them: `logits` (its output on
+        `images`) as they are, or with ``method.teacher_scales`` ≠ (1,) the log of its class
+        probabilities averaged over `images` resized by each factor, at the logits' resolution."""
+        scales = self.options.teacher_scales
+        if tuple(scales) == (1.0,):
+            return logits
+        assert self.teacher is not None
+        size = logits.shape[-2:]
+        total = torch.zeros_like(logits, dtype=torch.float32)
+        for scale in scales:
+            if scale == 1.0:
+                scaled = logits
+            else:
+                resized = F.interpolate(images, scale_factor=scale, mode="bilinear", antialias=scale < 1)
+                scaled = upsample_logits(self.teacher(resized)["logits"], size)
+            total += scaled.float().softmax(dim=1)
+        return (total / len(scales)).clamp_min(1e-12).log()
+
     def target_pass(self, source: Batch, target: Batch) -> tuple[Tensor, dict[str, Tensor], TargetPass]:
         """Teacher pseudo-labels, optional ClassMix, student forward and weighted target CE."""
         m = self.options
         size = target["image"].shape[-2:]
         t_out = self.teacher_forward(source, target)
+        t_out["logits"] = self.multiscale_teacher_logits(target["image"], t_out["logits"])
         self.update_priors(source["mask"], t_out["logits"])
         pseudo, conf = self.pseudo_labels(upsample_logits(t_out["logits"], size))
         threshold = self.confidence_threshold(pseudo, conf)

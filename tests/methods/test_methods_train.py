@@ -110,8 +110,13 @@ def test_uda_methods_report_pseudo_label_diagnostics(method: str, tmp_path: Path
         assert np.trace(every) / every.sum() == pytest.approx(report["pseudo/accuracy"])
         assert confident.sum() / every.sum() == pytest.approx(report["pseudo/confident_frac"])
         assert every.sum(0)[0] / every.sum() == pytest.approx(report[f"pseudo/label_share/{names[0]}"])
-    unlabelled = tiny_config(tmp_path / "u", f"method.name={method}", "data.target_labels=false",
-                             "train.select_by=source_miou", *METHOD_EXTRAS.get(method, []))
+    unlabelled = tiny_config(
+        tmp_path / "u",
+        f"method.name={method}",
+        "data.target_labels=false",
+        "train.select_by=source_miou",
+        *METHOD_EXTRAS.get(method, []),
+    )
     assert not any(k.startswith("pseudo/label_share") for k in Trainer(unlabelled).fit().final_metrics)
     assert not (tmp_path / "u" / "run" / "pseudo_confusion.jsonl").exists()
 
@@ -342,3 +347,29 @@ def test_class_thresholds_train_report_and_are_checkpointed(method: str, tmp_pat
     assert result.last_checkpoint is not None
     state = torch.load(result.last_checkpoint / "state.pt", weights_only=True)["method"]
     assert state["class_threshold"].tolist() == pytest.approx(reported)
+
+
+@pytest.mark.parametrize("method", ["self_training", "lpcgma"])
+def test_multiscale_teacher_averages_class_probabilities_over_resized_crops(method: str, tmp_path: Path) -> None:
+    cfg = tiny_config(tmp_path, f"method.name={method}", "method.teacher_scales=[0.5,1.0,1.5]")
+    names = build_datasets(cfg.data).classes.names
+    st = build_method(cfg, names).eval()
+    assert st.teacher is not None
+    torch.manual_seed(0)
+    images = torch.randn(2, 3, 48, 48)
+    with torch.no_grad():
+        logits = st.teacher(images)["logits"]
+        size = logits.shape[-2:]
+        by_scale = [logits.softmax(1)]
+        for scale in (0.5, 1.5):
+            resized = torch.nn.functional.interpolate(images, scale_factor=scale, mode="bilinear", antialias=scale < 1)
+            out = torch.nn.functional.interpolate(st.teacher(resized)["logits"], size=size, mode="bilinear")
+            by_scale.append(out.softmax(1))
+        expected = sum(by_scale) / 3
+    got = st.multiscale_teacher_logits(images, logits)
+    assert got.shape == logits.shape
+    assert torch.allclose(got.softmax(1), expected, atol=1e-5)  # log of the mean: softmax gives it back
+    assert not torch.allclose(expected, by_scale[0], atol=1e-3)  # the other scales changed something
+    one = build_method(tiny_config(tmp_path / "one", f"method.name={method}"), names)
+    assert one.multiscale_teacher_logits(images, logits) is logits  # the default: one pass, untouched
+    Trainer(cfg).fit()  # and it trains end to end
