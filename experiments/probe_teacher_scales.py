@@ -9,8 +9,9 @@ adaptation, once per (crop scale, teacher scale set): each whole tile is resized
 resized again by each factor of the set (sliding window, evaluation's window and stride), then
 compared with the tiles' masks. A row per pair: pixel accuracy, the share of pixels over the
 confidence threshold δ and their accuracy, mIoU of the pseudo-labels, and the largest confusion
-(the share of a class's pixels labelled as another). It needs target labels (a benchmark); the
-data and model settings are the checkpoint's `config.yaml`, with the overrides given.
+(the error with the most pixels: true class → pseudo-label, as a share of the true class's pixels).
+It needs target labels (a benchmark); the data and model settings are the checkpoint's
+`config.yaml`, with the overrides given.
 """
 
 from __future__ import annotations
@@ -54,16 +55,15 @@ def confusion_row(cm: torch.Tensor, confident: torch.Tensor, names: Sequence[str
     cm, confident = cm.double(), confident.double()
     total = cm.sum().clamp_min(1)
     iou = cm.diag() / (cm.sum(0) + cm.sum(1) - cm.diag()).clamp_min(1)
-    share = cm / cm.sum(1, keepdim=True).clamp_min(1)
-    off = share - torch.diag(share.diag())
-    worst = int(off.argmax())
-    true_c, label_c = divmod(worst, len(names))
+    off = cm - torch.diag(cm.diag())  # the errors, in pixels
+    true_c, label_c = divmod(int(off.argmax()), len(names))
+    share = float(off[true_c, label_c] / cm[true_c].sum().clamp_min(1))
     return {
         "accuracy": float(cm.diag().sum() / total),
         "confident share": float(confident.sum() / total),
         "confident accuracy": float(confident.diag().sum() / confident.sum().clamp_min(1)),
         "mIoU": float(iou.mean()),
-        "largest confusion": f"{names[true_c]} → {names[label_c]} {100 * float(off.max()):.0f} %",
+        "largest confusion": f"{names[true_c]} → {names[label_c]} {100 * share:.0f} %",
     }
 
 
