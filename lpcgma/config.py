@@ -191,9 +191,7 @@ class SelfTrainingConfig(MethodConfig):
     # at δ (CBST-style; docs/METHODS.md): a class the teacher is never confident about still gets labels
     class_thresholds: bool = False
     class_threshold_momentum: float = 0.9
-    # the teacher's target probabilities averaged over the crop resized by each of these factors
-    # (multi-scale pseudo-labels; (1.0,): one pass, as published): docs/METHODS.md
-    teacher_scales: tuple[float, ...] = (1.0,)
+    teacher_scales: tuple[float, ...] = (1.0,)  # teacher probs averaged over the crop resized by each factor
 
 
 @dataclass(frozen=True)
