@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from script_helpers import load_script
+from tiny_config import tiny_overrides
 
 from lpcgma.config import load_config
 
@@ -15,20 +16,7 @@ REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "experiments" / "compare_methods.py"
 compare = load_script(SCRIPT, "compare_methods")
 
-TINY = [
-    "data.synthetic_tiles=4",
-    "data.synthetic_tile_size=64",
-    "data.crop_size=48",
-    "data.batch_size=2",
-    "model.proj_dim=8",
-    "train.iters=2",
-    "train.eval_every=2",
-    "train.checkpoint_every=2",
-    "train.log_every=1",
-    "train.eval_window=64",
-    "train.eval_stride=64",
-    "train.device=cpu",
-]
+TINY = tiny_overrides()
 
 
 def test_method_options_reach_only_the_methods_that_have_them() -> None:

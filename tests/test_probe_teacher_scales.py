@@ -8,27 +8,15 @@ from pathlib import Path
 import pytest
 import torch
 from script_helpers import REPO, load_script
+from tiny_config import tiny_overrides
 
 from lpcgma.config import load_config
 from lpcgma.engine.trainer import Trainer
 
 tool = load_script(REPO / "experiments" / "probe_teacher_scales.py", "probe_teacher_scales")
-TINY = [
-    "data.synthetic_tiles=2",
-    "data.synthetic_tile_size=64",
-    "data.crop_size=48",
-    "data.batch_size=2",
-    "model.proj_dim=8",
-    "train.iters=2",
-    "train.eval_every=2",
-    "train.checkpoint_every=2",
-    "train.eval_window=64",
-    "train.eval_stride=64",
-    "train.precise_bn_batches=0",
-    "train.device=cpu",
-    "tracking.enabled=false",
-    "method.name=source_only",
-]
+TINY = tiny_overrides(
+    "train.precise_bn_batches=0", "tracking.enabled=false", "method.name=source_only", tiles=2
+)
 
 
 def test_rows_count_accuracy_confidence_iou_and_the_largest_confusion() -> None:

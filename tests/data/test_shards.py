@@ -14,6 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from server_helpers import MotoServer
+from tiny_config import tiny_overrides
 
 from lpcgma.cli import main
 from lpcgma.config import ConfigError, DataConfig, load_config
@@ -286,26 +287,14 @@ def test_s3_round_trip_and_loader_workers(moto_s3: MotoServer, synth_shards: Pat
 
 
 # ------------------------------------------------------------------------------------- trainer
-TINY = [
-    "data.synthetic_tiles=2",
-    "data.synthetic_tile_size=48",
-    "data.crop_size=32",
-    "data.batch_size=2",
-    "data.num_workers=0",
+TINY = tiny_overrides(
     "data.rcs_enabled=true",
     "data.eval_max_tiles=1",
-    "model.proj_dim=8",
-    "train.iters=2",
-    "train.eval_every=2",
-    "train.checkpoint_every=2",
-    "train.log_every=1",
-    "train.eval_window=48",
-    "train.eval_stride=48",
-    "train.device=cpu",
     "train.progress=false",
     "tracking.enabled=false",
     "method.name=source_only",
-]
+    tiles=2, tile_size=48, crop=32, window=48,
+)  # fmt: skip
 
 
 def test_trainer_trains_from_shards_and_folders_with_the_same_samples(tmp_path: Path) -> None:

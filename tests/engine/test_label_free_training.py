@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from tiny_config import tiny_overrides
 
 from lpcgma.config import ConfigError, load_config
 from lpcgma.data.errors import DatasetNotFoundError
@@ -18,27 +19,15 @@ from lpcgma.engine.label_free import CRITERIA, TARGET_LABEL_FREE
 from lpcgma.engine.trainer import Trainer
 
 CONFIG = Path(__file__).resolve().parents[2] / "lpcgma" / "configs" / "synthetic.yaml"
-TINY = [
-    "data.synthetic_tiles=4",
-    "data.synthetic_tile_size=64",
-    "data.crop_size=48",
-    "data.batch_size=2",
-    "data.num_workers=0",
+TINY = tiny_overrides(
     "model.backbone=resnet18",
     "model.pretrained=false",
-    "model.proj_dim=8",
-    "train.iters=4",
-    "train.eval_every=2",
-    "train.checkpoint_every=2",
-    "train.log_every=2",
-    "train.eval_window=64",
-    "train.eval_stride=64",
-    "train.device=cpu",
     "train.label_free_tiles=3",
     "train.snd_pixels=100",
     "train.source_eval_tiles=2",
     "tracking.enabled=false",
-]
+    iters=4, log_every=2,
+)  # fmt: skip
 LABEL_FREE_KEYS = {CRITERIA[n].metric for n in TARGET_LABEL_FREE}
 
 

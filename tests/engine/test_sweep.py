@@ -9,29 +9,16 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from tiny_config import tiny_overrides
 
 from lpcgma.config import load_config
 from lpcgma.distributed.trial_results import read_trial_rows
 from lpcgma.engine.sweep import TrialSpec, run_sweep, run_trial, sample_points
 from lpcgma.search_space import load_search_space
 
-TINY = [
-    "method.name=lpcgma",
-    "data.synthetic_tiles=4",
-    "data.synthetic_tile_size=64",
-    "data.crop_size=32",
-    "data.batch_size=2",
-    "model.proj_dim=8",
-    "train.iters=4",
-    "train.eval_every=2",
-    "train.checkpoint_every=2",
-    "train.log_every=1",
-    "train.eval_window=64",
-    "train.eval_stride=64",
-    "train.label_free_tiles=2",
-    "train.source_eval_tiles=2",
-    "train.device=cpu",
-]
+TINY = tiny_overrides(
+    "method.name=lpcgma", "train.label_free_tiles=2", "train.source_eval_tiles=2", crop=32, iters=4
+)
 
 
 def test_points_start_with_the_defaults_then_seeded_draws_inside_the_space() -> None:

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from tiny_config import tiny_overrides
 
 from lpcgma.config import METHOD_CONFIGS, load_config
 from lpcgma.data.build import build_datasets
@@ -17,22 +18,7 @@ from lpcgma.data.classes import IGNORE_INDEX
 from lpcgma.engine.trainer import Callback, EvalReport, NonFiniteLossError, Trainer
 from lpcgma.methods import build_method
 
-TINY = [
-    "data.synthetic_tiles=4",
-    "data.synthetic_tile_size=64",
-    "data.crop_size=48",
-    "data.batch_size=2",
-    "data.num_workers=0",
-    "model.proj_dim=8",
-    "train.iters=6",
-    "train.eval_every=3",
-    "train.checkpoint_every=3",
-    "train.log_every=2",
-    "train.eval_window=64",
-    "train.eval_stride=64",
-    "train.device=cpu",
-    "tracking.enabled=false",
-]
+TINY = tiny_overrides("tracking.enabled=false", iters=6, every=3, log_every=2)
 CONFIG = Path(__file__).resolve().parents[2] / "lpcgma" / "configs" / "synthetic.yaml"
 
 

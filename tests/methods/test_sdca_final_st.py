@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from test_methods_train import _CrashAfter  # the same "killed after step N" callback
+from tiny_config import tiny_overrides
 
 from lpcgma.config import ConfigError, ExperimentConfig, load_config
 from lpcgma.data.stream import TrainStream
@@ -21,18 +22,7 @@ from lpcgma.engine.trainer import OfflineTargetLabelling, Trainer
 from lpcgma.methods.sdca import SDCA
 
 CONFIG = Path(__file__).resolve().parents[2] / "lpcgma" / "configs" / "synthetic.yaml"
-TINY = [  # the sizes of test_methods_train.py
-    "data.synthetic_tiles=4",
-    "data.synthetic_tile_size=64",
-    "data.crop_size=48",
-    "data.batch_size=2",
-    "data.num_workers=0",
-    "model.proj_dim=8",
-    "train.eval_window=64",
-    "train.eval_stride=64",
-    "train.device=cpu",
-    "tracking.enabled=false",
-]
+TINY = tiny_overrides("tracking.enabled=false", iters=8, every=3, log_every=2)
 # 8 steps; the round is the last 4 (steps 4..7); checkpoints at 3, 6 and 8: 6 is inside the round
 ROUND = [
     "method.name=sdca",
