@@ -65,6 +65,7 @@ METHODS: dict[str, list[str]] = {
     ],
     # the teacher's pseudo-labels averaged over the target crop at 0.75× and 1.5× (RESULTS.md, session 20)
     "self-training, multi-scale teacher": ["method.name=self_training", "method.teacher_scales=[0.75,1.5]"],
+    "LPCGMA, multi-scale teacher": ["method.name=lpcgma", "method.teacher_scales=[0.75,1.5]"],  # session 21
     "oracle (target labels)": ["method.name=oracle"],
 }
 _OFF = ["method.use_pmc=false", "method.use_pix=false", "method.use_gmm_forward=false", "method.use_gmm_reverse=false"]
