@@ -22,7 +22,7 @@ from lpcgma.engine.trainer import OfflineTargetLabelling, Trainer
 from lpcgma.methods.sdca import SDCA
 
 CONFIG = Path(__file__).resolve().parents[2] / "lpcgma" / "configs" / "synthetic.yaml"
-TINY = tiny_overrides("tracking.enabled=false", iters=8, every=3, log_every=2)
+TINY = tiny_overrides("tracking.enabled=false")  # ROUND sets the steps
 # 8 steps; the round is the last 4 (steps 4..7); checkpoints at 3, 6 and 8: 6 is inside the round
 ROUND = [
     "method.name=sdca",
