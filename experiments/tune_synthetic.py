@@ -20,14 +20,13 @@ from collections.abc import Sequence
 from lpcgma.distributed.search_cli import experiment_main
 
 # The demo, sized to finish in under 10 min on a 2-core CPU (RESULTS.md, session 22): LPCGMA adapting
-# the shared source model (600 source-only steps, trained once on the first run, ~4 min here, then
+# the shared source model (600 source-only steps, trained once on the first run, 3-4 min here, then
 # read from runs/tune/source_models) on the calibrated task of the `synthetic` config; 8 short trials
 # of 32 steps (in session 21's demos most trials had their best target score by step 32 of 96) with
 # 2 evaluations for ASHA, the Gaussian-prototype terms on from step 8, a fine-tuning learning rate,
 # the multi-scale teacher (its pseudo-labels do not inherit the source model's agriculture-as-barren
 # misreading: RESULTS.md, sessions 20-21), and the label-free criteria on fewer tiles.
-DEMO_OVERRIDES = (
-    "method.name=lpcgma",
+DEMO_OVERRIDES = (  # on top of method.name=lpcgma (`extra_overrides`, smoke test included)
     "source_stage.enabled=true",
     "source_stage.iters=600",
     "optim.lr=0.0002",
