@@ -1,7 +1,8 @@
 """Compare methods (or ablation variants) at the same budget over several seeds; write a markdown table.
 
     python experiments/compare_methods.py --config synthetic --seeds 0 1 2 --out results/synthetic.md
-    python experiments/compare_methods.py --config synthetic --ablation --seeds 0 1 2 --out results/ablation.md
+    python experiments/compare_methods.py --config synthetic --ablation --seeds 0 1 2 --out results/ablation.md \
+        --paired-with self-training     # + each term's gain over self-training, seed by seed
     python experiments/compare_methods.py --config loveda_sample --seeds 0 1 2 --out results/cross_sensor.md
     python experiments/compare_methods.py --config synthetic --shifts 0 0.25 0.5 0.75 1 --seeds 0 \
         --only source-only self-training LPCGMA "oracle (target labels)" --plot results/shift.png \
@@ -11,7 +12,10 @@
 (each in its own process, e.g. on a GPU machine with many cores).
 
 Every run is a real `lpcgma.engine.trainer.Trainer` run (MLflow tracking off unless --track); the
-table holds mean ± std over seeds of the final target mIoU and per-class IoU (×100). With
+table holds mean ± std over seeds of the final target mIoU and per-class IoU (×100), and of the mean
+of each run's evaluations (a steadier estimate where single evaluations swing by points).
+`--paired-with ROW` adds every row minus ROW, paired by seed: a difference counts where it is larger
+than its spread over seeds. With
 ``source_stage.enabled=true`` (the two-stage protocol) every method of seed s starts from the source
 model of seed s (trained once, cached in ``<runs-dir>/source_models`` unless ``source_stage.store`` is
 set), and the table's first row is that source model itself. A run's folder
@@ -38,6 +42,7 @@ from lpcgma.engine.source_stage import ensure_source_model, evaluate_source_mode
 from lpcgma.engine.trainer import Trainer
 
 SOURCE_MODEL_ROW = "source model (stage 1)"
+EVAL_MEAN = "target_miou_eval_mean"  # a fixed model (the source model row) scores its mIoU at every evaluation
 
 METHODS: dict[str, list[str]] = {
     "source-only": ["method.name=source_only"],
@@ -66,6 +71,14 @@ METHODS: dict[str, list[str]] = {
     # the teacher's pseudo-labels averaged over the target crop at 0.75× and 1.5× (RESULTS.md, session 20)
     "self-training, multi-scale teacher": ["method.name=self_training", "method.teacher_scales=[0.75,1.5]"],
     "LPCGMA, multi-scale teacher": ["method.name=lpcgma", "method.teacher_scales=[0.75,1.5]"],  # session 21
+    # the ablation's one term that helps with that teacher, alone (RESULTS.md, session 23)
+    "self-training + GMM forward, multi-scale teacher": [
+        "method.name=lpcgma",
+        "method.use_pmc=false",
+        "method.use_pix=false",
+        "method.use_gmm_reverse=false",
+        "method.teacher_scales=[0.75,1.5]",
+    ],
     "oracle (target labels)": ["method.name=oracle"],
 }
 _OFF = ["method.use_pmc=false", "method.use_pix=false", "method.use_gmm_forward=false", "method.use_gmm_reverse=false"]
@@ -137,25 +150,59 @@ def source_model_rows(cfg: ExperimentConfig, seeds: list[int]) -> list[dict[str,
         model = ensure_source_model(seeded)
         metrics = {k: v for k, v in evaluate_source_model(seeded, model).items() if k.startswith("target_")}
         print(f"{SOURCE_MODEL_ROW:32s} seed {seed}: target mIoU {100 * metrics['target_miou']:.1f} ({model.key})")
-        rows.append({**metrics, "wall_s": float(model.manifest.get("train_seconds", 0.0))})
+        wall_s = float(model.manifest.get("train_seconds", 0.0))
+        rows.append({**metrics, EVAL_MEAN: metrics["target_miou"], "wall_s": wall_s})
     return rows
 
 
+def evaluation_mean(out_dir: Path) -> float:
+    """The mean target mIoU over all of a run's evaluations (metrics.jsonl): less noisy than the last one."""
+    records = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    scores = [r["target_miou"] for r in records if "target_miou" in r]
+    if not scores:
+        raise ValueError(f"{out_dir / 'metrics.jsonl'}: no evaluation (target_miou) recorded")
+    return statistics.mean(scores)
+
+
+def _cell(values: list[float], signed: bool = False) -> str:
+    """mean ± std (×100) of a list of fractions (with its sign: a difference)."""
+    vals = [100 * v for v in values]
+    sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
+    return f"{statistics.mean(vals):{'+' if signed else ''}.1f} ± {sd:.1f}"
+
+
 def table(results: dict[str, list[dict[str, float]]], class_names: list[str]) -> str:
-    """Markdown: one row per variant, mIoU and per-class IoU as mean ± std (×100)."""
-
-    def cell(values: list[float]) -> str:
-        vals = [100 * v for v in values]
-        sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
-        return f"{statistics.mean(vals):.1f} ± {sd:.1f}"
-
-    head = ["method", "mIoU", *class_names]
+    """Markdown: one row per variant, mIoU (last and mean of evaluations) and per-class IoU, mean ± std (×100)."""
+    head = ["method", "mIoU", "mIoU, mean of evaluations", *class_names]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, runs in results.items():
-        row = [name, cell([r["target_miou"] for r in runs])]
-        row += [cell([r.get(f"target_iou/{c}", 0.0) for r in runs]) for c in class_names]
+        row = [name, _cell([r["target_miou"] for r in runs]), _cell([r[EVAL_MEAN] for r in runs])]
+        row += [_cell([r.get(f"target_iou/{c}", 0.0) for r in runs]) for c in class_names]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
+
+
+def paired_table(results: dict[str, list[dict[str, float]]], seeds: list[int], baseline: str) -> str:
+    """Markdown: each row minus `baseline`, paired by seed (mean ± std, and on how many seeds it is > 0)."""
+
+    def diff(name: str, key: str) -> str:
+        deltas = [r[key] - b[key] for r, b in zip(results[name], results[baseline], strict=True)]
+        per_seed = ", ".join(f"{100 * d:+.1f}" for d in deltas)
+        return f"{_cell(deltas, signed=True)} ({per_seed}; > 0 on {sum(d > 0 for d in deltas)} of {len(deltas)})"
+
+    lines = [f"Paired by seed ({', '.join(map(str, seeds))}) against **{baseline}**:", "",
+             "| method | Δ mIoU | Δ mIoU, mean of evaluations |", "|---|---|---|"]  # fmt: skip
+    others = [name for name in results if name != baseline]
+    lines += [f"| {name} | {diff(name, 'target_miou')} | {diff(name, EVAL_MEAN)} |" for name in others]
+    return "\n".join(lines)
+
+
+def section(
+    shift: float | None, rows: dict[str, list[dict[str, float]]], names: list[str], seeds: list[int], paired: str | None
+) -> str:
+    """One table (of one shift strength, if any), with its paired differences when `paired` names a row."""
+    text = table(rows, names) + (f"\n\n{paired_table(rows, seeds, paired)}" if paired else "")
+    return f"### data.synthetic_shift = {shift:g}\n\n{text}" if shift is not None else text
 
 
 def curve_table(curve: dict[float, dict[str, list[dict[str, float]]]]) -> str:
@@ -195,7 +242,8 @@ def curve_figure(curve: dict[float, dict[str, list[dict[str, float]]]], path: Pa
     fig.savefig(path, dpi=110)
 
 
-def main() -> None:
+def arg_parser() -> argparse.ArgumentParser:
+    """The command line (checked in `main` before anything trains)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="synthetic", help="config file or packaged config name")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -206,8 +254,14 @@ def main() -> None:
     p.add_argument("--runs-dir", default="runs/compare", help="where each run's folder goes")
     p.add_argument("--out", help="write the markdown table here")
     p.add_argument("--track", action="store_true", help="also log every run to MLflow")
+    p.add_argument("--paired-with", help="also tabulate every row minus this one, paired by seed (a row's name)")
     p.add_argument("--jobs", type=int, default=1, help="runs trained at a time, each in its own process")
     p.add_argument("overrides", nargs="*", help="dotted overrides applied to every run (same budget for all)")
+    return p
+
+
+def main() -> None:
+    p = arg_parser()
     args = p.parse_args()
     if args.jobs < 1:
         p.error(f"--jobs must be >= 1, got {args.jobs}")
@@ -220,6 +274,8 @@ def main() -> None:
         if unknown:
             p.error(f"unknown variants {sorted(unknown)}; choose from {list(variants)}")
         variants = {k: v for k, v in variants.items() if k in args.only}
+    if args.paired_with and args.paired_with not in [*variants, SOURCE_MODEL_ROW]:
+        p.error(f"--paired-with {args.paired_with!r} is not a compared row; choose from {list(variants)}")
     unused = set(args.overrides).intersection(*(applicable(args.overrides, v)[1] for v in variants.values()))
     if unused:
         p.error(f"no compared method has the option(s) {sorted(unused)}")
@@ -227,10 +283,13 @@ def main() -> None:
         [f"--config {args.config}", "--seeds " + " ".join(map(str, args.seeds))]
         + (["--ablation"] if args.ablation else [])
         + (["--shifts " + " ".join(f"{s:g}" for s in args.shifts)] if args.shifts else [])
+        + ([f"--paired-with {args.paired_with!r}"] if args.paired_with else [])
         + args.overrides
     )
     base = Path(args.runs_dir) / Path(args.config).stem
     common_cfg = load_cli_config(args.config, [o for o in args.overrides if not o.startswith("method.")])
+    if args.paired_with == SOURCE_MODEL_ROW and not common_cfg.source_stage.enabled:
+        p.error(f"--paired-with {SOURCE_MODEL_ROW!r} needs source_stage.enabled=true (the row exists only then)")
     overrides = list(args.overrides)
     if common_cfg.source_stage.enabled and not common_cfg.source_stage.store:
         store = f"source_stage.store={(Path(args.runs_dir) / 'source_models').resolve()}"
@@ -251,7 +310,9 @@ def main() -> None:
             shifted = replace(common_cfg, {"data.synthetic_shift": s}) if s is not None else common_cfg
             results[s][SOURCE_MODEL_ROW] = source_model_rows(shifted, args.seeds)
     calls = [(args.config, ovr, seed, run_dir(base, ovr, seed), args.track) for _, _, seed, ovr in runs]
-    for (s, name, seed, _), metrics in zip(runs, map_in_processes(run_variant, calls, args.jobs), strict=True):
+    trained = map_in_processes(run_variant, calls, args.jobs)
+    for call, (s, name, seed, _), metrics in zip(calls, runs, trained, strict=True):
+        metrics = {**metrics, EVAL_MEAN: evaluation_mean(call[3])}
         results[s].setdefault(name, []).append(metrics)
         at = f" at shift {s:g}" if s is not None else ""
         miou = 100 * metrics["target_miou"]
@@ -259,8 +320,7 @@ def main() -> None:
     from lpcgma.data.build import build_datasets
 
     names = list(build_datasets(common_cfg.data).classes.names)
-    parts = [f"### data.synthetic_shift = {s:g}\n\n{table(r, names)}" if s is not None else table(r, names)
-             for s, r in results.items()]  # fmt: skip
+    parts = [section(s, r, names, args.seeds, args.paired_with) for s, r in results.items()]
     if args.shifts:
         curve = {s: r for s, r in results.items() if s is not None}
         parts.insert(0, "### Target mIoU against shift strength\n\n" + curve_table(curve))

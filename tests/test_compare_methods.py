@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from script_helpers import load_script
 from tiny_config import tiny_overrides
 
@@ -46,6 +47,28 @@ def test_run_folder_depends_on_the_overrides_not_their_order(tmp_path: Path) -> 
     assert a != compare.run_dir(tmp_path, ["method.name=lpcgma", "train.iters=6"], 0)
 
 
+def test_evaluation_mean_averages_every_evaluation_of_a_run(tmp_path: Path) -> None:
+    lines = [{"step": 10, "loss/total": 1.0}, {"step": 10, "target_miou": 0.2}, {"step": 20, "target_miou": 0.5}]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in lines) + "\n")
+    assert compare.evaluation_mean(tmp_path) == 0.35
+    (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 10, "loss/total": 1.0}) + "\n")
+    with pytest.raises(ValueError, match="no evaluation"):
+        compare.evaluation_mean(tmp_path)
+
+
+def test_paired_table_subtracts_the_baseline_seed_by_seed() -> None:
+    ev = compare.EVAL_MEAN
+    results = {
+        "base": [{"target_miou": 0.40, ev: 0.40}, {"target_miou": 0.50, ev: 0.44}],
+        "method": [{"target_miou": 0.43, ev: 0.41}, {"target_miou": 0.49, ev: 0.46}],
+    }
+    text = compare.paired_table(results, [3, 4], "base")
+    assert "Paired by seed (3, 4) against **base**" in text
+    # final: +3.0 and -1.0 -> mean 1.0, sample std 2.83; evaluation means: +1.0, +2.0 -> 1.5 ± 0.7
+    assert "| method | +1.0 ± 2.8 (+3.0, -1.0; > 0 on 1 of 2) | +1.5 ± 0.7 (+1.0, +2.0; > 0 on 2 of 2) |" in text
+    assert "| base |" not in text
+
+
 def _run(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
     cmd = [sys.executable, str(SCRIPT), "--config", "synthetic", "--runs-dir", str(tmp_path / "runs"), *args]
     return subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=600)
@@ -53,7 +76,8 @@ def _run(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
 
 def test_table_is_written_and_finished_runs_are_not_trained_again(tmp_path: Path) -> None:
     out = tmp_path / "table.md"
-    args = ["--ablation", "--only", "self-training", "+ PMC", "--seeds", "0", "--out", str(out), *TINY]
+    args = ["--ablation", "--only", "self-training", "+ PMC", "--seeds", "0", "--out", str(out),
+            "--paired-with", "self-training", *TINY]  # fmt: skip
     first = _run(tmp_path, "--jobs", "2", *args, "method.gmm_warmup_iters=1")  # both runs at once
     assert first.returncode == 0, first.stderr[-3000:]
     assert "self-training: not applied (its method has no such option): method.gmm_warmup_iters=1" in first.stdout
@@ -66,6 +90,10 @@ def test_table_is_written_and_finished_runs_are_not_trained_again(tmp_path: Path
     # self-training's folder holds no LPCGMA option: the same run as without the option
     st = next(r for r in results if "self_training" in (r.parent / "variant.json").read_text())
     assert "gmm_warmup_iters" not in (st.parent / "variant.json").read_text()
+    pmc = next(r for r in results if r != st)
+    delta = 100 * (json.loads(pmc.read_text())["target_miou"] - json.loads(st.read_text())["target_miou"])
+    assert "Paired by seed (0) against **self-training**" in text and f"| + PMC | {delta:+.1f} ± 0.0 (" in text
+    assert "--paired-with 'self-training'" in text
     stamps = {r: r.stat().st_mtime_ns for r in results}
     seen = json.loads(st.read_text())["target_miou"]
 
@@ -73,6 +101,15 @@ def test_table_is_written_and_finished_runs_are_not_trained_again(tmp_path: Path
     assert again.returncode == 0, again.stderr[-3000:]
     assert {r: r.stat().st_mtime_ns for r in results} == stamps  # read back, not retrained
     assert f"target mIoU {100 * seen:.1f}" in again.stdout
+
+
+def test_a_paired_row_that_is_not_compared_is_refused(tmp_path: Path) -> None:
+    res = _run(tmp_path, "--only", "self-training", "--seeds", "0", "--paired-with", "LPCGMA")
+    assert res.returncode == 2
+    assert "--paired-with 'LPCGMA' is not a compared row" in res.stderr
+    res = _run(tmp_path, "--only", "self-training", "--seeds", "0", "--paired-with", compare.SOURCE_MODEL_ROW)
+    assert res.returncode == 2 and "needs source_stage.enabled=true" in res.stderr
+    assert not (tmp_path / "runs").exists()
 
 
 def test_an_option_no_compared_method_has_is_refused(tmp_path: Path) -> None:
