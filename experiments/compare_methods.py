@@ -156,12 +156,13 @@ def source_model_rows(cfg: ExperimentConfig, seeds: list[int]) -> list[dict[str,
 
 
 def evaluation_mean(out_dir: Path) -> float:
-    """The mean target mIoU over all of a run's evaluations (metrics.jsonl): less noisy than the last one."""
+    """The mean target mIoU over a run's evaluations (metrics.jsonl; a step evaluated again after a resume
+    counts once, its last record): less noisy than the last evaluation alone."""
     records = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    scores = [r["target_miou"] for r in records if "target_miou" in r]
-    if not scores:
+    by_step = {r["step"]: r["target_miou"] for r in records if "target_miou" in r}
+    if not by_step:
         raise ValueError(f"{out_dir / 'metrics.jsonl'}: no evaluation (target_miou) recorded")
-    return statistics.mean(scores)
+    return statistics.mean(by_step.values())
 
 
 def _cell(values: list[float], signed: bool = False) -> str:

@@ -51,6 +51,9 @@ def test_evaluation_mean_averages_every_evaluation_of_a_run(tmp_path: Path) -> N
     lines = [{"step": 10, "loss/total": 1.0}, {"step": 10, "target_miou": 0.2}, {"step": 20, "target_miou": 0.5}]
     (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in lines) + "\n")
     assert compare.evaluation_mean(tmp_path) == 0.35
+    resumed = [*lines, {"step": 20, "target_miou": 0.4}, {"step": 30, "target_miou": 0.6}]  # step 20 again
+    (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in resumed) + "\n")
+    assert abs(compare.evaluation_mean(tmp_path) - 0.4) < 1e-12  # (0.2 + 0.4 + 0.6) / 3
     (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 10, "loss/total": 1.0}) + "\n")
     with pytest.raises(ValueError, match="no evaluation"):
         compare.evaluation_mean(tmp_path)
