@@ -399,9 +399,10 @@ def ensure_source_model(
                 "sha256": _sha256(model / STATE_FILE),
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 "train_seconds": round(time.time() - t0, 1),
-                # the same key trained with another thread count or torch build is another draw
-                # (floating-point summation order), whose target score can differ by points
-                "trained_with": {"torch": torch.__version__, "torch_threads": torch.get_num_threads()},
+                # the same key trained with another thread count, torch build or CPU instruction set is
+                # another draw (floating-point kernels and summation order), whose target score can
+                # differ by points (RESULTS.md, session 24: the demo's key gave 42.6 on one machine, 39.9 on another)
+                "trained_with": trained_with(),
                 "metrics": metrics,  # its last evaluation, on the target of the config that trained it:
                 "metrics_target": {k: v for k, v in flatten(cfg).items() if k.startswith("data.") and _unhashed(k)},
             }
@@ -415,6 +416,16 @@ def ensure_source_model(
         if local is None:
             raise SourceModelError(f"the source model written to {where} does not read back intact")
         return SourceModel(key, where, local, manifest, trained=True)
+
+
+def trained_with() -> dict[str, str | int]:
+    """What besides the config decides a trained model's floats: the torch build, its threads and the
+    CPU kernels it dispatches to (`AVX2`, `AVX512`, ...)."""
+    return {
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+    }
 
 
 def evaluate_source_model(cfg: ExperimentConfig, model: SourceModel) -> dict[str, float]:

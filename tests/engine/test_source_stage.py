@@ -121,7 +121,11 @@ def test_miss_trains_once_then_hits(tmp_path: Path) -> None:
     manifest = json.loads((Path(first.uri) / MANIFEST_FILE).read_text())
     assert manifest["key"] == first.key == source_key(cfg) and manifest["settings"]["train.seed"] == 0
     assert 0.0 <= manifest["metrics"]["target_miou"] <= 1.0
-    assert manifest["trained_with"] == {"torch": torch.__version__, "torch_threads": torch.get_num_threads()}
+    assert manifest["trained_with"] == {
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+    }
     second = ensure_source_model(cfg, log=logs.append)
     assert not second.trained and second.checkpoint == first.checkpoint and len(logs) == 1
     state = read_checkpoint(second.checkpoint)
