@@ -230,7 +230,11 @@ class GaussianPrototypes(nn.Module):
           component is k (active components only);
         - ``gmm_active_components``: number of active components;
         - ``gmm_tgt_intra_var``: mean over target classes (≥ 2 pixels) of the per-dimension variance
-          of their features, averaged over dimensions.
+          of their features, averaged over dimensions;
+        - ``gmm_mean_var``: the fitted variance averaged over active components and dimensions (near
+          the floor ε: the embedding space has collapsed onto the prototypes);
+        - ``gmm_src_accuracy``: share of source pixels of fitted classes whose highest GMM class score
+          is their own class (how well the prototypes still separate labelled source features).
         """
         c, k, d = self.means.shape
         p = self.params()
@@ -266,8 +270,11 @@ class GaussianPrototypes(nn.Module):
         present = n.squeeze(1) >= 2
         intra = torch.where(present, var, torch.zeros_like(var)).sum() / present.sum().clamp_min(1)
 
+        src_hit = (class_scores(zs, p).argmax(-1) == ys) & ok
         out = {
             "gmm_src_loglik": own_loglik(z_src, y_src),
+            "gmm_src_accuracy": src_hit.sum() / ok.sum().clamp_min(1),
+            "gmm_mean_var": p.variances[p.active].mean() if bool(p.active.any()) else torch.zeros(()),
             "gmm_tgt_loglik": own_loglik(z_tgt, y_tgt),
             "gmm_active_components": p.active.sum().to(zs.dtype),
             "gmm_tgt_intra_var": intra,

@@ -222,6 +222,13 @@ def test_diagnostics_values() -> None:
     assert logs["gmm_occupancy_c1_k1"] == pytest.approx(0.0)
     assert logs["gmm_tgt_intra_var"] == pytest.approx((2.0 + 0.0) / 2)  # var of x = 2 (unbiased), y = 0
     assert logs["gmm_src_loglik"] > logs["gmm_tgt_loglik"]
+    assert logs["gmm_mean_var"] == pytest.approx(0.05)
+    assert logs["gmm_src_accuracy"] == pytest.approx(1.0)
+    # a class-0 pixel sitting on class 1's component and an unlabelled pixel: 4 of 5 labelled right
+    z_mixed = torch.cat([z_src, torch.tensor([[4.0, 3.9], [0.0, 0.0]])])
+    y_mixed = torch.cat([y_src, torch.tensor([0, 255])])
+    mixed = protos.diagnostics(z_mixed, y_mixed, z_tgt, y_tgt)
+    assert mixed["gmm_src_accuracy"] == pytest.approx(4 / 5)
 
 
 # ------------------------------------------------------------------------------------- checkpoints
