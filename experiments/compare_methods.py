@@ -79,6 +79,15 @@ METHODS: dict[str, list[str]] = {
         "method.use_gmm_reverse=false",
         "method.teacher_scales=[0.75,1.5]",
     ],
+    # ...with PMC on labelled anchors only (threshold 1: the source batch and ClassMix's pasted source
+    # pixels), the contrast that makes the forward term reliable (RESULTS.md, session 25)
+    "self-training + source-anchor PMC + GMM forward, multi-scale teacher": [
+        "method.name=lpcgma",
+        "method.use_pix=false",
+        "method.use_gmm_reverse=false",
+        "method.pmc_target_threshold=1.0",
+        "method.teacher_scales=[0.75,1.5]",
+    ],
     "oracle (target labels)": ["method.name=oracle"],
 }
 _OFF = ["method.use_pmc=false", "method.use_pix=false", "method.use_gmm_forward=false", "method.use_gmm_reverse=false"]
