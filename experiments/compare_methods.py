@@ -80,7 +80,7 @@ METHODS: dict[str, list[str]] = {
         "method.teacher_scales=[0.75,1.5]",
     ],
     # ...with PMC on labelled anchors only (threshold 1: the source batch and ClassMix's pasted source
-    # pixels), the contrast that makes the forward term reliable (RESULTS.md, session 25)
+    # pixels), the labelled anchor the forward term needs to stop losing (RESULTS.md, session 25)
     "self-training + source-anchor PMC + GMM forward, multi-scale teacher": [
         "method.name=lpcgma",
         "method.use_pix=false",

@@ -231,8 +231,8 @@ class GaussianPrototypes(nn.Module):
         - ``gmm_active_components``: number of active components;
         - ``gmm_tgt_intra_var``: mean over target classes (≥ 2 pixels) of the per-dimension variance
           of their features, averaged over dimensions;
-        - ``gmm_mean_var``: the fitted variance averaged over active components and dimensions (near
-          the floor ε: the embedding space has collapsed onto the prototypes);
+        - ``gmm_mean_var``: the fitted variance averaged over active components and dimensions (falling
+          over a run, with ``gmm_tgt_intra_var``: the embeddings are collapsing onto the prototypes);
         - ``gmm_src_accuracy``: share of source pixels of fitted classes whose highest GMM class score
           is their own class (how well the prototypes still separate labelled source features).
         """
