@@ -240,18 +240,19 @@ class GaussianPrototypes(nn.Module):
         p = self.params()
         class_ok = p.active.any(-1)
 
-        def own_loglik(z: Tensor, y: Tensor) -> Tensor:
+        def scored(z: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+            """Class scores [N, C], labels (ignored → 0) and which pixels count (a fitted class)."""
             z, y = z.reshape(-1, d).to(p.means.dtype), y.reshape(-1).to(z.device)
             ok = (y >= 0) & (y < c)
             ys = torch.where(ok, y, torch.zeros_like(y))
-            ok = ok & class_ok[ys]
-            s = class_scores(z, p).gather(1, ys[:, None]).squeeze(1)
+            return class_scores(z, p), ys, ok & class_ok[ys]
+
+        def own_loglik(scores: Tensor, ys: Tensor, ok: Tensor) -> Tensor:
+            s = scores.gather(1, ys[:, None]).squeeze(1)
             return torch.where(ok, s, torch.zeros_like(s)).sum() / ok.sum().clamp_min(1)
 
-        zs, ys_raw = z_src.reshape(-1, d).to(p.means.dtype), y_src.reshape(-1).to(z_src.device)
-        ok = (ys_raw >= 0) & (ys_raw < c)
-        ys = torch.where(ok, ys_raw, torch.zeros_like(ys_raw))
-        ok = ok & class_ok[ys]
+        zs = z_src.reshape(-1, d).to(p.means.dtype)
+        src_scores, ys, ok = scored(z_src, y_src)
         own = component_log_prob(zs, p).gather(1, ys[:, None, None].expand(-1, 1, k)).squeeze(1)
         best = own.masked_fill(~p.active[ys], _NEG).argmax(-1)
         occ = torch.zeros(c * k, dtype=zs.dtype, device=zs.device)
@@ -270,12 +271,12 @@ class GaussianPrototypes(nn.Module):
         present = n.squeeze(1) >= 2
         intra = torch.where(present, var, torch.zeros_like(var)).sum() / present.sum().clamp_min(1)
 
-        src_hit = (class_scores(zs, p).argmax(-1) == ys) & ok
+        src_hit = (src_scores.argmax(-1) == ys) & ok
         out = {
-            "gmm_src_loglik": own_loglik(z_src, y_src),
+            "gmm_src_loglik": own_loglik(src_scores, ys, ok),
             "gmm_src_accuracy": src_hit.sum() / ok.sum().clamp_min(1),
             "gmm_mean_var": p.variances[p.active].mean() if bool(p.active.any()) else torch.zeros(()),
-            "gmm_tgt_loglik": own_loglik(z_tgt, y_tgt),
+            "gmm_tgt_loglik": own_loglik(*scored(z_tgt, y_tgt)),
             "gmm_active_components": p.active.sum().to(zs.dtype),
             "gmm_tgt_intra_var": intra,
         }
