@@ -240,28 +240,26 @@ class GaussianPrototypes(nn.Module):
         p = self.params()
         class_ok = p.active.any(-1)
 
-        def scored(z: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-            """Class scores [N, C], labels (ignored → 0) and which pixels count (a fitted class)."""
+        def prepared(z: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+            """Features [N, D], labels (ignored → 0) and which labels are class ids."""
             z, y = z.reshape(-1, d).to(p.means.dtype), y.reshape(-1).to(z.device)
-            ok = (y >= 0) & (y < c)
-            ys = torch.where(ok, y, torch.zeros_like(y))
-            return class_scores(z, p), ys, ok & class_ok[ys]
+            labelled = (y >= 0) & (y < c)
+            return z, torch.where(labelled, y, torch.zeros_like(y)), labelled
 
         def own_loglik(scores: Tensor, ys: Tensor, ok: Tensor) -> Tensor:
             s = scores.gather(1, ys[:, None]).squeeze(1)
             return torch.where(ok, s, torch.zeros_like(s)).sum() / ok.sum().clamp_min(1)
 
-        zs = z_src.reshape(-1, d).to(p.means.dtype)
-        src_scores, ys, ok = scored(z_src, y_src)
+        zs, ys, labelled = prepared(z_src, y_src)
+        ok = labelled & class_ok[ys]  # source pixels of fitted classes
+        src_scores = class_scores(zs, p)
         own = component_log_prob(zs, p).gather(1, ys[:, None, None].expand(-1, 1, k)).squeeze(1)
         best = own.masked_fill(~p.active[ys], _NEG).argmax(-1)
         occ = torch.zeros(c * k, dtype=zs.dtype, device=zs.device)
         occ.index_add_(0, ys * k + best, ok.to(zs.dtype))
         occ = occ.view(c, k) / occ.view(c, k).sum(-1, keepdim=True).clamp_min(1.0)
 
-        zt, yt = z_tgt.reshape(-1, d).to(p.means.dtype), y_tgt.reshape(-1).to(z_tgt.device)
-        okt = (yt >= 0) & (yt < c)
-        yts = torch.where(okt, yt, torch.zeros_like(yt))
+        zt, yts, okt = prepared(z_tgt, y_tgt)
         wt = okt.to(zt.dtype)[:, None]
         sums = torch.zeros(c, 1 + 2 * d, dtype=zt.dtype, device=zt.device)
         sums.index_add_(0, yts, torch.cat([wt, zt * wt, zt * zt * wt], dim=1))
@@ -276,7 +274,7 @@ class GaussianPrototypes(nn.Module):
             "gmm_src_loglik": own_loglik(src_scores, ys, ok),
             "gmm_src_accuracy": src_hit.sum() / ok.sum().clamp_min(1),
             "gmm_mean_var": p.variances[p.active].mean() if bool(p.active.any()) else torch.zeros(()),
-            "gmm_tgt_loglik": own_loglik(*scored(z_tgt, y_tgt)),
+            "gmm_tgt_loglik": own_loglik(class_scores(zt, p), yts, okt & class_ok[yts]),
             "gmm_active_components": p.active.sum().to(zs.dtype),
             "gmm_tgt_intra_var": intra,
         }
