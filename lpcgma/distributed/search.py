@@ -73,6 +73,7 @@ from lpcgma.distributed.search_types import (
 from lpcgma.distributed.source_model import obtain_source_model, with_search_store
 from lpcgma.distributed.trial import make_trainable
 from lpcgma.distributed.tuner import build_tuner, restore_tuner
+from lpcgma.engine.checkpoint import drop_step_checkpoints
 from lpcgma.search_space import (
     SearchSpace,
     defaults_point,
@@ -374,6 +375,9 @@ def _fit(
     with credentials_out_of_env():  # Tune would copy AWS keys into each trial's runtime_env (and Ray's logs)
         results = tuner.fit()
     outcome = summarize(results, settings.objective, settings.mode, defaults, experiment_path, max_t)
+    for trial in outcome.trials:  # a trial's resumable checkpoints are Ray's (`report_to_tune`): drop the
+        if trial.out_dir:  # run-folder copies a trial stopped inside its last report had no time to delete
+            drop_step_checkpoints(Path(trial.out_dir) / "checkpoints")
     outcome.complete = (
         not _tune_was_interrupted(sigint_before) and results.num_terminated + results.num_errors >= settings.num_samples
     )

@@ -14,6 +14,7 @@ attaches the checkpoint). After a worker failure, `FailureConfig` restarts the g
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -35,13 +36,19 @@ def config_from_payload(payload: Mapping[str, Any]) -> ExperimentConfig:
     return load_config(None, dict(payload))
 
 
+# Both reports hand the step folder to Ray, which copies it into the search's storage (what a retried
+# trial or a restarted worker group resumes from; `CheckpointConfig.num_to_keep` bounds the copies),
+# then delete the run folder's own copy: in a trial the resumable checkpoints are Ray's, and the run
+# folder keeps its model (``checkpoints/best``). A trial's disk: one resumable state per kept report,
+# not two (RESULTS.md, session 27).
+
+
 def report_to_train(metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
     """``ray.train.report`` from a Train worker (every rank; rank 0 passes the checkpoint folder)."""
     import ray.train
 
     checkpoint = ray.train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
-    # Keep our step folder after the upload: the Trainer prunes its own checkpoints.
-    ray.train.report(metrics, checkpoint=checkpoint, delete_local_checkpoint_after_upload=False)
+    ray.train.report(metrics, checkpoint=checkpoint, delete_local_checkpoint_after_upload=True)
 
 
 def report_to_tune(metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
@@ -49,7 +56,9 @@ def report_to_tune(metrics: dict[str, Any], checkpoint_dir: Path | None) -> None
     import ray.tune
 
     checkpoint = ray.tune.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
-    ray.tune.report(metrics, checkpoint=checkpoint)
+    ray.tune.report(metrics, checkpoint=checkpoint)  # returns once Ray has copied the checkpoint
+    if checkpoint_dir is not None:
+        shutil.rmtree(checkpoint_dir, ignore_errors=True)
 
 
 class RayReportCallback(Callback):

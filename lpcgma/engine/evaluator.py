@@ -23,6 +23,7 @@ from lpcgma.config import ExperimentConfig, replace
 from lpcgma.data.build import DomainData, build_datasets
 from lpcgma.data.stream import TrainStream, augmented_stream
 from lpcgma.data.transforms import EvalTransform
+from lpcgma.engine.checkpoint import is_model_only
 from lpcgma.engine.evaluate import confusion_matrix, metrics_from_confusion, rescale_image, sliding_window_scores
 from lpcgma.engine.label_free import label_free_metrics, subsample
 from lpcgma.methods import Method, build_method
@@ -224,8 +225,12 @@ def evaluate_checkpoint(
     cfg: ExperimentConfig, method_state: dict[str, Any], num_previews: int = 0
 ) -> tuple[Metrics, Tensor | None, list[dict[str, Any]]]:
     """`Evaluator.evaluate` of a checkpoint's method state under `cfg`'s data and evaluation settings
-    (its BatchNorm statistics as stored): a bare method, no optimiser and no training streams."""
+    (its BatchNorm statistics as stored): a bare method, no optimiser and no training streams. A
+    model (`is_model_only`: ``checkpoints/best``, an MLflow model) is scored as that network alone,
+    with no teacher or method state: the label-free criteria that need a teacher are left out."""
     cfg = replace(cfg, {"model.pretrained": False})  # the checkpoint holds every weight
+    if is_model_only(method_state):  # the weights are already the evaluated network's (the average's, if kept)
+        cfg = replace(cfg, {"method": {"name": "source_only"}, "train.eval_ema": 0.0})
     data = build_datasets(cfg.data)
     device = resolve_device(cfg.train.device)
     method = build_method(cfg, list(data.classes.names)).to(device)

@@ -23,7 +23,8 @@ a search) starts from such a model, obtained by `ensure_source_model`:
   local cache and checked against its checksum before use.
 
 The training is an ordinary `Trainer` run of ``method.name=source_only`` (`stage_config`) in
-``<key>/run`` (local store) or a temporary folder (S3), with the caller's callbacks (MLflow); the
+``<key>/run`` (local store: its logs and ``checkpoints/best`` are kept, its resumable step
+checkpoints deleted once the model is written) or a temporary folder (S3), with the caller's callbacks (MLflow); the
 caller's random number generators are restored afterwards, so a run that trained the source model
 continues exactly like one that found it cached.
 """
@@ -48,7 +49,15 @@ import torch
 import yaml
 
 from lpcgma.config import ConfigError, ExperimentConfig, dump_config, flatten, replace, to_dict
-from lpcgma.engine.checkpoint import CONFIG_FILE, STATE_FILE, latest_checkpoint, read_checkpoint, write_checkpoint
+from lpcgma.engine.checkpoint import (
+    CONFIG_FILE,
+    STATE_FILE,
+    drop_step_checkpoints,
+    latest_checkpoint,
+    model_state,
+    read_checkpoint,
+    write_checkpoint,
+)
 
 if TYPE_CHECKING:
     from lpcgma.engine.trainer import Callback
@@ -352,9 +361,8 @@ def _train(
     last = result.last_checkpoint or latest_checkpoint(run_dir / "checkpoints")
     if last is None:
         raise SourceModelError(f"the source stage in '{run_dir}' wrote no checkpoint")
-    state = read_checkpoint(last)
-    slim = {k: state[k] for k in ("step", "method", "method_name", "class_names")}
-    model = write_checkpoint(run_dir / MODEL_DIR, slim, dump_config(stage))
+    model = write_checkpoint(run_dir / MODEL_DIR, model_state(read_checkpoint(last)), dump_config(stage))
+    drop_step_checkpoints(run_dir / "checkpoints")  # never resumed (a partial run is retrained): the model is kept
     return model, dict(result.final_metrics)
 
 

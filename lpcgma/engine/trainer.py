@@ -28,6 +28,7 @@ from lpcgma.data.build import DomainData, build_datasets
 from lpcgma.data.stream import TrainStream, augmented_stream
 from lpcgma.engine.checkpoint import (
     latest_checkpoint,
+    model_state,
     prune_checkpoints,
     read_checkpoint,
     rng_state,
@@ -266,13 +267,13 @@ class Trainer:
         self.best_step = int(state["best_step"])
 
     def save_checkpoint(self, is_best: bool, step_folder: bool = True) -> Path | None:
-        """Write step_<N>/ (unless not `step_folder`) and best/ when `is_best`; keep the 2 most recent
-        step folders. Returns the step folder (None when not written)."""
+        """Write step_<N>/ (resumable; unless not `step_folder`) and best/ (the model, `model_state`)
+        when `is_best`; keep the 2 most recent step folders. Returns the step folder (None when not written)."""
         config_yaml = dump_config(self.cfg)
         state = self.state_dict()
         path = write_checkpoint(step_dir(self.ckpt_root, self.step), state, config_yaml) if step_folder else None
         if is_best:  # every best evaluation, checkpoint step or not: best/ is never stale
-            write_checkpoint(self.ckpt_root / "best", state, config_yaml)
+            write_checkpoint(self.ckpt_root / "best", model_state(state), config_yaml)
         prune_checkpoints(self.ckpt_root, keep=2)
         return path
 

@@ -38,10 +38,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lpcgma.config import ExperimentConfig, dump_config, flatten
-from lpcgma.engine.checkpoint import CONFIG_FILE, STATE_FILE, read_checkpoint, write_checkpoint
+from lpcgma.engine.checkpoint import CONFIG_FILE, STATE_FILE, model_state, read_checkpoint, write_checkpoint
 from lpcgma.engine.source_stage import source_key
 from lpcgma.engine.trainer import Callback, EvalReport, TrainResult
-from lpcgma.methods.base import model_weights
 from lpcgma.tracking import plots
 from lpcgma.tracking.offline import OFFLINE_PREFIX, RunLogger, pending_records, synced_run_ids
 from lpcgma.tracking.redaction import redact_mapping, redact_value, redact_yaml_text
@@ -56,7 +55,6 @@ RUN_FILE = "mlflow_run.json"  # in the run folder: which MLflow run this folder 
 CLASSES_FILE = "classes.json"  # artifact: class names, palette and normalisation of the run's data
 PARENT_TAG = "mlflow.parentRunId"
 ROLE_TAG = "lpcgma.role"  # "train" (standalone), "trial" (a search's child), "search" (parent), "source_model"
-_MODEL_KEYS = ("step", "method_name", "class_names")  # with the student's weights: a logged checkpoint
 SOURCE_MODEL_TAG = "lpcgma.source_model"  # the shared source model's key: on its own run and on the runs from it
 TRIAL_TAG = "ray.trial_id"
 SEARCH_TAG = "search"
@@ -363,17 +361,15 @@ class MLflowCallback(Callback):
                 lg.log_artifact(folder, f"overlays/{tag}")
 
     def _log_checkpoint(self, folder: Path, artifact_path: str) -> None:
-        """Log the model of checkpoint `folder` (`model_weights` as the student's, step and classes: what
-        promotion and prediction load, a quarter of a resumable checkpoint) and its config."""
+        """Log the model of checkpoint `folder` (`model_state`: what promotion and prediction load, a
+        quarter of a resumable checkpoint) and its config."""
         assert self.logger is not None and self.out_dir is not None
         if not (folder / STATE_FILE).is_file():
             log.warning("no %s in %s: checkpoint not logged", STATE_FILE, folder)
             return
-        state = read_checkpoint(folder)
-        slim = {k: v for k, v in state.items() if k in _MODEL_KEYS}
-        slim["method"] = {f"student.{k}": v for k, v in model_weights(state["method"]).items()}
+        model = model_state(read_checkpoint(folder))
         # kept in the run folder: an offline record uploads the file later, from this path
-        kept = write_checkpoint(self.out_dir / "mlflow_models" / artifact_path.replace("/", "_"), slim, "")
+        kept = write_checkpoint(self.out_dir / "mlflow_models" / artifact_path.replace("/", "_"), model, "")
         self.logger.log_artifact(kept / STATE_FILE, artifact_path)
         config = folder / CONFIG_FILE
         if config.is_file():

@@ -13,6 +13,7 @@ from lpcgma.data.synthetic import write_synthetic_loveda
 from lpcgma.distributed.search import run_search
 from lpcgma.distributed.search_mlflow import mlflow_hooks
 from lpcgma.distributed.search_types import SearchSettings
+from lpcgma.engine.checkpoint import read_checkpoint
 
 pytestmark = pytest.mark.slow
 
@@ -44,6 +45,9 @@ def test_smoke_search_single_worker_trials_inline(ray_tmp: Path) -> None:
         assert t.out_dir and Path(t.out_dir).parent.parent == ray_tmp / "store" / "smoke"
         assert (Path(t.out_dir) / "metrics.jsonl").is_file() and (Path(t.out_dir) / "config.yaml").is_file()
         assert t.checkpoint and (Path(t.checkpoint) / "state.pt").is_file()
+        # the resumable state is Ray's copy alone; the run folder keeps the model (checkpoints/best)
+        assert "optimizer" in read_checkpoint(t.checkpoint)
+        assert [p.name for p in (Path(t.out_dir) / "checkpoints").iterdir()] == ["best"]
         rows = [json.loads(line) for line in (Path(t.out_dir).parent / "result.json").read_text().splitlines()]
         assert all("target_miou" in r and "node_id" in r for r in rows)
         assert [r["step"] for r in rows] == [2, 4][: len(rows)]
@@ -58,8 +62,36 @@ def test_two_worker_torchtrainer_trial(ray_tmp: Path) -> None:
     assert trial.status == "finished" and trial.best is not None
     assert trial.checkpoint and "train_runs/train-" in trial.checkpoint
     assert (Path(trial.checkpoint) / "state.pt").is_file()
+    assert [p.name for p in (Path(trial.out_dir) / "checkpoints").iterdir()] == ["best"]  # type: ignore[arg-type]
     rows = [json.loads(x) for x in (Path(trial.out_dir).parent / "result.json").read_text().splitlines()]  # type: ignore[arg-type]
     assert [r["step"] for r in rows] == [2, 4] and all("target_miou" in r for r in rows)
+
+
+def test_a_reported_checkpoint_moves_to_ray(ray_tmp: Path) -> None:
+    """`report_to_tune` deletes the run folder's step checkpoint once Ray holds its copy, in the report
+    itself (the search's end sweeps what a stopped trial left, so this checks the report alone)."""
+    import ray
+    from ray import tune
+
+    from lpcgma.distributed.train import report_to_tune
+
+    def trainable(config: dict[str, str]) -> None:
+        folder = Path(config["run"]) / "step_00000001"
+        folder.mkdir(parents=True)
+        (folder / "state.pt").write_bytes(b"state")
+        report_to_tune({"score": 1.0}, folder)
+        (Path(config["run"]) / "after_report.txt").write_text(str(folder.exists()))
+
+    ray.init(num_cpus=1, _temp_dir=str(ray_tmp / "ray"), include_dashboard=False)
+    run = ray_tmp / "run"
+    tuner = tune.Tuner(
+        trainable,
+        param_space={"run": str(run)},
+        run_config=tune.RunConfig(storage_path=str(ray_tmp / "store"), name="moved", verbose=0),
+    )
+    (result,) = tuner.fit()
+    assert result.error is None and (run / "after_report.txt").read_text() == "False"
+    assert result.checkpoint is not None and (Path(result.checkpoint.path) / "state.pt").read_bytes() == b"state"
 
 
 def test_search_with_mlflow_parent_and_child_runs(ray_tmp: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1,4 +1,4 @@
-"""Checkpoints: atomic writes, weights_only loading, latest/prune, RNG round trip."""
+"""Checkpoints: atomic writes, weights_only loading, latest/prune, RNG round trip, the model of a state."""
 
 from __future__ import annotations
 
@@ -12,7 +12,9 @@ import torch
 
 from lpcgma.engine.checkpoint import (
     CheckpointError,
+    is_model_only,
     latest_checkpoint,
+    model_state,
     prune_checkpoints,
     read_checkpoint,
     rng_state,
@@ -29,6 +31,28 @@ def test_write_read_round_trip_and_latest(tmp_path: Path) -> None:
     assert read_checkpoint(step_dir(tmp_path, 20))["step"] == 20
     prune_checkpoints(tmp_path, keep=2)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000020", "step_00000030"]
+
+
+def _training_state(average: bool) -> dict[str, object]:
+    method = {"student.w": torch.ones(2), "teacher.w": torch.full((2,), 2.0), "gmm.means": torch.zeros(3)}
+    if average:
+        method["average.net.w"] = torch.full((2,), 3.0)
+    return {"step": 7, "method": method, "optimizer": {"state": {}}, "rng": {}, "method_name": "lpcgma",
+            "class_names": ["a", "b"], "best_metric": 0.5}  # fmt: skip
+
+
+@pytest.mark.parametrize(("average", "kept"), [(False, 1.0), (True, 3.0)])
+def test_model_state_keeps_the_evaluated_network_alone(average: bool, kept: float) -> None:
+    """The student's weights (the weight average's when kept) as student.*, step and classes; nothing
+    resumable. A model of a model is the same model, and only a model counts as model-only."""
+    state = _training_state(average)
+    model = model_state(state)
+    assert set(model) == {"step", "method_name", "class_names", "method"}
+    assert (model["step"], model["method_name"], model["class_names"]) == (7, "lpcgma", ["a", "b"])
+    assert list(model["method"]) == ["student.w"]
+    torch.testing.assert_close(model["method"]["student.w"], torch.full((2,), kept))
+    assert model_state(model) == model
+    assert is_model_only(model["method"]) and not is_model_only(state["method"]) and not is_model_only({})
 
 
 def test_rng_state_round_trip() -> None:

@@ -15,6 +15,7 @@ from tiny_config import tiny_overrides
 from lpcgma.config import METHOD_CONFIGS, load_config
 from lpcgma.data.build import build_datasets
 from lpcgma.data.classes import IGNORE_INDEX
+from lpcgma.engine.checkpoint import is_model_only, read_checkpoint
 from lpcgma.engine.trainer import Callback, EvalReport, NonFiniteLossError, Trainer
 from lpcgma.methods import build_method
 
@@ -48,6 +49,9 @@ def test_method_trains_end_to_end(method: str, tmp_path: Path) -> None:
     losses = [r["loss/total"] for r in lines if "loss/total" in r]
     assert losses and all(math.isfinite(v) for v in losses)
     assert result.best_checkpoint is not None and (result.best_checkpoint / "state.pt").is_file()
+    best, last = read_checkpoint(result.best_checkpoint), read_checkpoint(result.last_checkpoint)
+    assert is_model_only(best["method"]) and "optimizer" not in best  # best/ is the model; step_*/ resume
+    assert "optimizer" in last and "rng" in last
 
 
 BIDA_PAPER = [  # the paper's description where the released code (the default) differs
@@ -281,8 +285,6 @@ def test_method_steps_under_bf16_autocast(method: str, tmp_path: Path) -> None:
 
 def test_best_checkpoint_is_saved_even_off_the_checkpoint_schedule(tmp_path: Path) -> None:
     """eval_every=2, checkpoint_every=3: a best evaluation at step 2 or 4 still writes checkpoints/best."""
-    from lpcgma.engine.checkpoint import read_checkpoint
-
     cfg = tiny_config(tmp_path, "method.name=source_only", "train.eval_every=2", "train.checkpoint_every=3",
                       "train.select_by=source_miou")  # fmt: skip
 
