@@ -23,8 +23,8 @@ a search) starts from such a model, obtained by `ensure_source_model`:
   local cache and checked against its checksum before use.
 
 The training is an ordinary `Trainer` run of ``method.name=source_only`` (`stage_config`) in
-``<key>/run`` (local store: its logs and ``checkpoints/best`` are kept, its resumable step
-checkpoints deleted once the model is written) or a temporary folder (S3), with the caller's callbacks (MLflow); the
+``<key>/run`` (local store: its logs and ``checkpoints/best`` are kept, its resumable step checkpoints
+deleted once the model is written) or a temporary folder (S3), with the caller's callbacks (MLflow); the
 caller's random number generators are restored afterwards, so a run that trained the source model
 continues exactly like one that found it cached.
 """
