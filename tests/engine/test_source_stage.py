@@ -130,6 +130,8 @@ def test_miss_trains_once_then_hits(tmp_path: Path) -> None:
     assert not second.trained and second.checkpoint == first.checkpoint and len(logs) == 1
     state = read_checkpoint(second.checkpoint)
     assert state["method_name"] == "source_only" and state["step"] == 2 and "optimizer" not in state
+    # the stage's run keeps its logs and best model, not its resumable step checkpoints
+    assert [p.name for p in (Path(first.uri) / "run" / "checkpoints").iterdir()] == ["best"]
 
 
 @pytest.mark.parametrize("damage", ["corrupt", "partial", "foreign"])
