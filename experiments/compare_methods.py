@@ -71,6 +71,19 @@ METHODS: dict[str, list[str]] = {
     # the teacher's pseudo-labels averaged over the target crop at 0.75× and 1.5× (RESULTS.md, session 20)
     "self-training, multi-scale teacher": ["method.name=self_training", "method.teacher_scales=[0.75,1.5]"],
     "LPCGMA, multi-scale teacher": ["method.name=lpcgma", "method.teacher_scales=[0.75,1.5]"],  # session 21
+    # ...with CBST's class thresholds, which let the teacher's barren labels train (RESULTS.md, session 27)
+    "self-training + CBST, multi-scale teacher": [
+        "method.name=self_training",
+        "method.teacher_scales=[0.75,1.5]",
+        "method.pseudo_weighting=threshold",
+        "method.class_thresholds=true",
+    ],
+    "LPCGMA + CBST, multi-scale teacher": [
+        "method.name=lpcgma",
+        "method.teacher_scales=[0.75,1.5]",
+        "method.pseudo_weighting=threshold",
+        "method.class_thresholds=true",
+    ],
     # the ablation's one term that helps with that teacher, alone (RESULTS.md, session 23)
     "self-training + GMM forward, multi-scale teacher": [
         "method.name=lpcgma",
