@@ -46,6 +46,11 @@ def is_model_only(method_state: dict[str, Any]) -> bool:
     return bool(method_state) and all(k.startswith("student.") for k in method_state)
 
 
+def is_model(state: dict[str, Any]) -> bool:
+    """Whether a checkpoint state already is a model (`model_state`'s output: ``checkpoints/best``)."""
+    return set(state) <= {*MODEL_KEYS, "method"} and is_model_only(state.get("method", {}))
+
+
 def rng_state() -> dict[str, Any]:
     """Torch (CPU and CUDA) and Python RNG states, in weights_only-loadable types."""
     state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": _py_state_to_tensor()}

@@ -38,7 +38,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lpcgma.config import ExperimentConfig, dump_config, flatten
-from lpcgma.engine.checkpoint import CONFIG_FILE, STATE_FILE, model_state, read_checkpoint, write_checkpoint
+from lpcgma.engine.checkpoint import (
+    CONFIG_FILE,
+    STATE_FILE,
+    is_model,
+    model_state,
+    read_checkpoint,
+    write_checkpoint,
+)
 from lpcgma.engine.source_stage import source_key
 from lpcgma.engine.trainer import Callback, EvalReport, TrainResult
 from lpcgma.tracking import plots
@@ -367,10 +374,13 @@ class MLflowCallback(Callback):
         if not (folder / STATE_FILE).is_file():
             log.warning("no %s in %s: checkpoint not logged", STATE_FILE, folder)
             return
-        model = model_state(read_checkpoint(folder))
-        # kept in the run folder: an offline record uploads the file later, from this path
-        kept = write_checkpoint(self.out_dir / "mlflow_models" / artifact_path.replace("/", "_"), model, "")
-        self.logger.log_artifact(kept / STATE_FILE, artifact_path)
+        state = read_checkpoint(folder)
+        if is_model(state):  # `best`: already the model, and kept in place (a later best replaces it)
+            self.logger.log_artifact(folder / STATE_FILE, artifact_path)
+        else:  # a step checkpoint, which a trial deletes once Ray has it: its model is kept in the run
+            # folder, where an offline record uploads it from later
+            kept = self.out_dir / "mlflow_models" / artifact_path.replace("/", "_")
+            self.logger.log_artifact(write_checkpoint(kept, model_state(state), "") / STATE_FILE, artifact_path)
         config = folder / CONFIG_FILE
         if config.is_file():
             self.logger.log_text(redact_yaml_text(config.read_text()), f"{artifact_path}/{CONFIG_FILE}")

@@ -12,6 +12,7 @@ import torch
 
 from lpcgma.engine.checkpoint import (
     CheckpointError,
+    is_model,
     is_model_only,
     latest_checkpoint,
     model_state,
@@ -53,6 +54,9 @@ def test_model_state_keeps_the_evaluated_network_alone(average: bool, kept: floa
     torch.testing.assert_close(model["method"]["student.w"], torch.full((2,), kept))
     assert model_state(model) == model
     assert is_model_only(model["method"]) and not is_model_only(state["method"]) and not is_model_only({})
+    assert is_model(model) and not is_model(state) and not is_model({"step": 1})
+    source_only_step = {"step": 3, "method": {"student.w": torch.ones(2)}, "optimizer": {"state": {}}}
+    assert is_model_only(source_only_step["method"]) and not is_model(source_only_step)  # resumable: not a model
 
 
 def test_rng_state_round_trip() -> None:

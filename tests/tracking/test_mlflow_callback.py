@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
 from tracking_helpers import all_artifacts, fake_report, fake_trainer, synthetic_cfg, write_fake_checkpoint
 
-from lpcgma.config import flatten
+from lpcgma.config import dump_config, flatten
+from lpcgma.engine.checkpoint import model_state, read_checkpoint, write_checkpoint
 from lpcgma.engine.trainer import TrainResult
 from lpcgma.tracking.runs import RUN_FILE, MLflowCallback, exception_status
 
@@ -22,7 +24,8 @@ def _run_lifecycle(cfg, cb: MLflowCallback, ckpt_root: Path) -> None:
     cb.on_log(1, {"loss/total": 2.0, "lr": 0.1})
     cb.on_log(2, {"loss/total": 1.5, "lr": 0.09})
     c2 = write_fake_checkpoint(ckpt_root, 2, cfg)
-    cb.on_eval(fake_report(2, c2, is_best=True))
+    best = write_checkpoint(ckpt_root / "best", model_state(read_checkpoint(c2)), dump_config(cfg))  # as the trainer
+    cb.on_eval(replace(fake_report(2, c2, is_best=True), best_checkpoint=best))
     c4 = write_fake_checkpoint(ckpt_root, 4, cfg)
     cb.on_eval(fake_report(4, c4, is_best=False))
     result = TrainResult(4, Path(cfg.train.out_dir), {}, 0.2, 2, ckpt_root / "best", c4)
@@ -71,11 +74,14 @@ def test_a_tracked_run_has_params_tags_metrics_and_artifacts(
     }
     assert expected <= files
     assert not any(f.startswith("checkpoints/step_") for f in files)  # only best + final in MLflow
-    from lpcgma.engine.checkpoint import read_checkpoint
-
     logged = read_checkpoint(Path(client.download_artifacts(cb.run_id, "checkpoints/final", str(tmp_path / "fin"))))
     assert set(logged) == {"step", "method", "method_name", "class_names"}  # the model, not the optimiser
     assert logged["method"] and all(k.startswith("student.") for k in logged["method"])
+    assert logged["step"] == 4
+    logged_best = read_checkpoint(Path(client.download_artifacts(cb.run_id, "checkpoints/best", str(tmp_path / "b"))))
+    assert logged_best["step"] == 2 and set(logged_best["method"]) == {"student.w"}
+    # `best` is already the model: logged from its folder, no second copy; the final step checkpoint's is kept
+    assert [p.name for p in (tmp_path / "run/mlflow_models").iterdir()] == ["checkpoints_final"]
     # no secret anywhere: params, tags, text artifacts
     local = Path(client.download_artifacts(cb.run_id, "", str(tmp_path / "dl")))
     texts = [p.read_text(errors="ignore") for p in local.rglob("*") if p.suffix in (".yaml", ".json")]
