@@ -161,6 +161,18 @@ class SourceStageConfig:
 class MethodConfig:
     name: str = "source_only"  # the method: source_only|oracle|self_training|lpcgma|sdca|bida
 
+    def validate(self, train_iters: int) -> None:
+        """Check the method's values by the naming rules (temperatures > 0, thresholds and momenta in
+        [0, 1], weights λ ≥ 0); a method's own rules extend this. Raise ConfigError naming the key."""
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name.startswith("tau") or f.name.endswith("_tau"):
+                check_value(value > 0, f"method.{f.name}", value, "> 0 (a temperature)")
+            if "threshold" in f.name or f.name.endswith("momentum"):
+                check_value(0 <= value <= 1, f"method.{f.name}", value, "in [0, 1]")
+            if f.name.startswith("lambda_"):
+                check_value(value >= 0, f"method.{f.name}", value, ">= 0")
+
 
 @dataclass(frozen=True)
 class SourceOnlyConfig(MethodConfig):
@@ -192,6 +204,12 @@ class SelfTrainingConfig(MethodConfig):
     class_thresholds: bool = False
     class_threshold_momentum: float = 0.9
     teacher_scales: tuple[float, ...] = (1.0,)  # teacher probs averaged over the crop resized by each factor
+
+    def validate(self, train_iters: int) -> None:
+        super().validate(train_iters)
+        scales = self.teacher_scales
+        ok = bool(scales) and all(0 < t <= 4 for t in scales)
+        check_value(ok, "method.teacher_scales", scales, "one or more factors in (0, 4]")
 
 
 @dataclass(frozen=True)
@@ -234,6 +252,17 @@ class LPCGMAConfig(SelfTrainingConfig):
     gmm_memory_features: Literal["teacher", "student"] = "teacher"  # source embeddings remembered: the
     # teacher's (as specified; one extra teacher forward per step) or the student's, detached (no extra pass)
 
+    def validate(self, train_iters: int) -> None:
+        super().validate(train_iters)
+        check_value(self.gaussians_per_class >= 1, "method.gaussians_per_class", self.gaussians_per_class, ">= 1")
+        check_value(0 < self.base_rate <= 1, "method.base_rate", self.base_rate, "in (0, 1]")
+        check_value(self.minority_boost >= 0, "method.minority_boost", self.minority_boost, ">= 0")
+        check_value(self.max_anchors >= 2, "method.max_anchors", self.max_anchors, ">= 2")
+        check_value(self.gmm_refit_every >= 1, "method.gmm_refit_every", self.gmm_refit_every, ">= 1")
+        check_value(self.gmm_var_floor > 0, "method.gmm_var_floor", self.gmm_var_floor, "> 0")
+        for key in ("gmm_memory_per_class", "gmm_push_per_class", "gmm_em_iters"):
+            check_value(getattr(self, key) >= 1, f"method.{key}", getattr(self, key), ">= 1")
+
 
 @dataclass(frozen=True)
 class SDCAConfig(MethodConfig):
@@ -251,6 +280,17 @@ class SDCAConfig(MethodConfig):
     final_st_iters: int = 0  # steps of the round at the end of train.iters (0 = off)
     final_st_threshold_cap: float = 0.9  # cap of the per-class median-confidence threshold (released code)
     final_st_source_weight: float = 1.0  # source CE weight in the round (0 = target only, as the released code)
+
+    def validate(self, train_iters: int) -> None:
+        super().validate(train_iters)
+        check_value(
+            0 <= self.final_st_iters < train_iters,
+            "method.final_st_iters",
+            self.final_st_iters,
+            f"in [0, train.iters) = [0, {train_iters}) (0 = no final self-training round)",
+        )
+        weight = self.final_st_source_weight
+        check_value(weight >= 0, "method.final_st_source_weight", weight, ">= 0")
 
 
 @dataclass(frozen=True)
@@ -358,42 +398,7 @@ class ExperimentConfig:
             self.train.eval_stride,
             f"<= train.eval_window ({self.train.eval_window})",
         )
-        m = self.method
-        for f in fields(m):
-            value = getattr(m, f.name)
-            if f.name.startswith("tau") or f.name.endswith("_tau"):
-                check_value(value > 0, f"method.{f.name}", value, "> 0 (a temperature)")
-            if "threshold" in f.name or f.name.endswith("momentum"):
-                check_value(0 <= value <= 1, f"method.{f.name}", value, "in [0, 1]")
-            if f.name.startswith("lambda_"):
-                check_value(value >= 0, f"method.{f.name}", value, ">= 0")
-        if isinstance(m, SelfTrainingConfig):
-            scales = m.teacher_scales
-            check_value(
-                bool(scales) and all(0 < t <= 4 for t in scales),
-                "method.teacher_scales",
-                scales,
-                "one or more factors in (0, 4]",
-            )
-        if isinstance(m, SDCAConfig):
-            check_value(
-                0 <= m.final_st_iters < self.train.iters,
-                "method.final_st_iters",
-                m.final_st_iters,
-                f"in [0, train.iters) = [0, {self.train.iters}) (0 = no final self-training round)",
-            )
-            check_value(
-                m.final_st_source_weight >= 0, "method.final_st_source_weight", m.final_st_source_weight, ">= 0"
-            )
-        if isinstance(m, LPCGMAConfig):
-            check_value(m.gaussians_per_class >= 1, "method.gaussians_per_class", m.gaussians_per_class, ">= 1")
-            check_value(0 < m.base_rate <= 1, "method.base_rate", m.base_rate, "in (0, 1]")
-            check_value(m.minority_boost >= 0, "method.minority_boost", m.minority_boost, ">= 0")
-            check_value(m.max_anchors >= 2, "method.max_anchors", m.max_anchors, ">= 2")
-            check_value(m.gmm_refit_every >= 1, "method.gmm_refit_every", m.gmm_refit_every, ">= 1")
-            check_value(m.gmm_var_floor > 0, "method.gmm_var_floor", m.gmm_var_floor, "> 0")
-            for key in ("gmm_memory_per_class", "gmm_push_per_class", "gmm_em_iters"):
-                check_value(getattr(m, key) >= 1, f"method.{key}", getattr(m, key), ">= 1")
+        self.method.validate(self.train.iters)
         return self
 
 

@@ -94,13 +94,27 @@ def test_bad_self_training_values_name_the_key(override: str, match: str) -> Non
         load_config(None, ["method.name=self_training", override])
 
 
-def test_temperature_and_k_bounds() -> None:
-    with pytest.raises(ConfigError, match="method.gmm_push_per_class.*>= 1"):
-        load_config(None, ["method.name=lpcgma", "method.gmm_push_per_class=0"])
-    with pytest.raises(ConfigError, match="method.tau_pmc"):
-        load_config(None, ["method.name=lpcgma", "method.tau_pmc=0"])
-    with pytest.raises(ConfigError, match="method.gaussians_per_class"):
-        load_config(None, ["method.name=lpcgma", "method.gaussians_per_class=0"])
+@pytest.mark.parametrize(
+    ("method", "override", "match"),
+    [
+        ("lpcgma", "method.gmm_push_per_class=0", "method.gmm_push_per_class.*>= 1"),
+        ("lpcgma", "method.tau_pmc=0", "method.tau_pmc.*a temperature"),
+        ("lpcgma", "method.gaussians_per_class=0", "method.gaussians_per_class.*>= 1"),
+        ("lpcgma", "method.base_rate=0", "method.base_rate.*in \\(0, 1\\]"),
+        ("lpcgma", "method.gmm_var_floor=0", "method.gmm_var_floor.*> 0"),
+        ("lpcgma", "method.teacher_scales=[0]", "method.teacher_scales.*one or more factors"),  # inherited rule
+        ("lpcgma", "method.rev_momentum=1.5", "method.rev_momentum.*in \\[0, 1\\]"),
+        ("sdca", "method.final_st_iters=400", "method.final_st_iters.*in \\[0, train.iters\\) = \\[0, 400\\)"),
+        ("sdca", "method.final_st_source_weight=-1", "method.final_st_source_weight.*>= 0"),
+        ("sdca", "method.sdca_tau=0", "method.sdca_tau.*a temperature"),
+        ("bida", "method.lambda_contrast=-0.1", "method.lambda_contrast.*>= 0"),
+        ("source_only", "method.tau_proj=0", "method.tau_proj.*a temperature"),
+    ],
+)
+def test_each_method_checks_its_own_values(method: str, override: str, match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        load_config(None, [f"method.name={method}", "train.iters=400", override])
+    load_config(None, [f"method.name={method}", "train.iters=400"])  # its defaults pass
 
 
 def test_file_errors_name_the_file(tmp_path: Path) -> None:
