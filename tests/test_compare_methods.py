@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -38,6 +39,11 @@ def test_every_row_is_a_valid_config() -> None:
     recipe = load_config(None, compare.METHODS["self-training + CBST + GMM forward"]).method
     assert recipe.class_thresholds and recipe.use_gmm_forward
     assert not (recipe.use_pmc or recipe.use_pix or recipe.use_gmm_reverse)
+    for method in ("self-training", "LPCGMA"):  # CBST (session 28): the multi-scale row + class thresholds
+        plain = load_config(None, compare.METHODS[f"{method}, multi-scale teacher"]).method
+        cbst = load_config(None, compare.METHODS[f"{method} + CBST, multi-scale teacher"]).method
+        assert cbst.class_thresholds and cbst.pseudo_weighting == "threshold" and cbst.teacher_scales == (0.75, 1.5)
+        assert dataclasses.replace(cbst, class_thresholds=False, pseudo_weighting=plain.pseudo_weighting) == plain
 
 
 def test_run_folder_depends_on_the_overrides_not_their_order(tmp_path: Path) -> None:
