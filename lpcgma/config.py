@@ -283,12 +283,8 @@ class SDCAConfig(MethodConfig):
 
     def validate(self, train_iters: int) -> None:
         super().validate(train_iters)
-        check_value(
-            0 <= self.final_st_iters < train_iters,
-            "method.final_st_iters",
-            self.final_st_iters,
-            f"in [0, train.iters) = [0, {train_iters}) (0 = no final self-training round)",
-        )
+        expected = f"in [0, train.iters) = [0, {train_iters}) (0 = no final self-training round)"
+        check_value(0 <= self.final_st_iters < train_iters, "method.final_st_iters", self.final_st_iters, expected)
         weight = self.final_st_source_weight
         check_value(weight >= 0, "method.final_st_source_weight", weight, ">= 0")
 

@@ -38,14 +38,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lpcgma.config import ExperimentConfig, dump_config, flatten
-from lpcgma.engine.checkpoint import (
-    CONFIG_FILE,
-    STATE_FILE,
-    is_model,
-    model_state,
-    read_checkpoint,
-    write_checkpoint,
-)
+from lpcgma.engine.checkpoint import CONFIG_FILE, STATE_FILE, is_model, model_state, read_checkpoint, write_checkpoint
 from lpcgma.engine.source_stage import source_key
 from lpcgma.engine.trainer import Callback, EvalReport, TrainResult
 from lpcgma.tracking import plots
